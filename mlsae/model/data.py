@@ -234,9 +234,10 @@ class TokenBlocks(IterableDataset):
     workers, derive the position from the steps taken instead, since data loaders read
     ahead: `start_block = first_block + steps * accumulate_grad_batches * batch_size`.
 
-    Workers: with `num_workers = W > 0` every worker reads the whole stream and yields
-    batches `w, w + W, ...`, so the DataLoader returns the same batches in the same order
-    as without workers (loading overlaps with compute, tokenisation is not shared out).
+    Workers and ranks: with `num_workers = W > 0` every worker reads the whole stream and
+    yields batches `w, w + W, ...`, so the DataLoader returns the same batches in the same
+    order as without workers (loading overlaps with compute, tokenisation is not shared
+    out). Under torch.distributed, rank r of R likewise keeps batches `r, r + R, ...`.
     """
 
     def __init__(
@@ -345,11 +346,10 @@ class TokenBlocks(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         self._reset_counters()
-        worker = get_worker_info()
-        worker_id, n_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        shard, n_shards = _shard()
         for index, batch in enumerate(self._batches()):
             self.next_block += len(batch)
-            if index % n_workers == worker_id:
+            if index % n_shards == shard:
                 yield {"input_ids": batch.clone()}
         logger.info(
             "read %d documents of %r: %d tokens, %d blocks of %d (yielded up to block %d); "
@@ -368,6 +368,21 @@ class TokenBlocks(IterableDataset):
                 "%r gave no blocks: no group of documents is longer than one block",
                 self.path,
             )
+
+
+def _shard() -> tuple[int, int]:
+    """This reader's share of the batches: `(shard, n_shards)` over ranks and workers.
+
+    Under torch.distributed, rank r of R keeps batches r, r + R, ...; each rank's
+    workers split its share the same way, so the batches of one optimizer step over
+    all ranks are consecutive batches of the stream.
+    """
+    rank, world_size = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    worker = get_worker_info()
+    worker_id, n_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
+    return worker_id * world_size + rank, world_size * n_workers
 
 
 def make_dataloader(dataset: TokenBlocks, num_workers: int = 0) -> DataLoader[Batch]:

@@ -16,12 +16,12 @@ def geometric_median(
 
     Every leading dimension is flattened into one set of points. Weiszfeld's
     iteration starts from the mean and stops after `max_iter` steps or once a step
-    moves less than `tol`. `mask` (True = keep) drops points, e.g. the zeroed vectors
-    at special-token positions.
+    moves less than `tol`. `mask` (True = keep), broadcast to the leading shape, drops
+    points, e.g. the zeroed vectors at special-token positions.
     """
-    points = points.reshape(-1, points.shape[-1])
     if mask is not None:
-        points = points[mask.reshape(-1)]
+        points = points[mask.expand(points.shape[:-1])]
+    points = points.reshape(-1, points.shape[-1])
     if points.shape[0] == 0:
         raise ValueError("geometric_median needs at least one point")
     points = points.float()

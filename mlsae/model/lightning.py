@@ -188,6 +188,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         # A pretrained model's bias is already trained: never re-initialise it.
         self.bias_initialized = from_checkpoint
         self.tokens_seen = 0
+        self.micro_batches_seen = 0
         self._step_fired: Tensor | None = None
         self._step_tokens: Tensor | None = None
 
@@ -327,6 +328,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
         world_size = 1 if self._trainer is None else self.trainer.world_size
         self.tokens_seen += batch["input_ids"].numel() * world_size
+        self.micro_batches_seen += world_size
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.Adam(self.autoencoder.parameters(), lr=self.lr, eps=self.adam_eps)
@@ -426,7 +428,10 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         return logged
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.log_dict(self._evaluate(batch, False), batch_size=batch["input_ids"].shape[0])
+        logged = self._evaluate(batch, True)
+        logged = {name.replace("train/", "val/", 1): value for name, value in logged.items()}
+        logged = {name.replace("loss/", "val/loss/", 1) if name.startswith("loss/") else name: value for name, value in logged.items()}
+        self.log_dict(logged, batch_size=batch["input_ids"].shape[0])
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.log_dict(self._evaluate(batch, True), batch_size=batch["input_ids"].shape[0])
@@ -437,9 +442,11 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         checkpoint["mlsae"] = {
             "bias_initialized": self.bias_initialized,
             "tokens_seen": self.tokens_seen,
+            "micro_batches_seen": self.micro_batches_seen,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("mlsae", {})
         self.bias_initialized = state.get("bias_initialized", True)
         self.tokens_seen = state.get("tokens_seen", 0)
+        self.micro_batches_seen = state.get("micro_batches_seen", 0)
