@@ -45,12 +45,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--triton-interpret", action="store_true")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.triton_interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -110,7 +113,9 @@ def main() -> None:
                     time_vs_dense=median / dense_ms,
                 )
             )
-            print(f"{n_latents:>6} {n_vectors:>5} {k:>4} {backend:<24} {median:9.2f} ms", flush=True)
+            print(
+                f"{n_latents:>6} {n_vectors:>5} {k:>4} {backend:<24} {median:9.2f} ms", flush=True
+            )
 
     threads = torch.get_num_threads()
     print()

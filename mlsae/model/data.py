@@ -385,9 +385,23 @@ def _shard() -> tuple[int, int]:
     return worker_id * world_size + rank, world_size * n_workers
 
 
-def make_dataloader(dataset: TokenBlocks, num_workers: int = 0) -> DataLoader[Batch]:
+class SinglePassLoader(DataLoader):
+    """A DataLoader that goes over its stream once per process: iterated again (a new
+    epoch), it yields nothing, so no text is ever trained on twice."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        if getattr(self, "_passed", False):
+            return iter(())
+        self._passed = True
+        return super().__iter__()
+
+
+def make_dataloader(
+    dataset: TokenBlocks, num_workers: int = 0, single_pass: bool = False
+) -> DataLoader[Batch]:
     """A DataLoader over the batches that `dataset` forms itself."""
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    loader_class = SinglePassLoader if single_pass else DataLoader
+    return loader_class(dataset, batch_size=None, num_workers=num_workers)
 
 
 def get_train_dataloader(
@@ -403,6 +417,7 @@ def get_train_dataloader(
     name: str | None = None,
     text_column: str = "text",
     num_workers: int = 0,
+    single_pass: bool = False,
 ) -> DataLoader[Batch]:
     """The training stream: every block after the first `val_blocks`.
 
@@ -412,6 +427,7 @@ def get_train_dataloader(
         max_tokens: stop after `max_steps(max_tokens, batch_size, max_length)` batches,
             counted from the start of training (resumed runs stop at the same place).
         skip_batches: batches already trained on, to resume a run where it stopped.
+        single_pass: yield nothing when iterated a second time in this process.
     """
     start_block = val_blocks + skip_batches * batch_size
     stop_block = None
@@ -430,7 +446,7 @@ def get_train_dataloader(
         start_block=start_block,
         stop_block=stop_block,
     )
-    return make_dataloader(dataset, num_workers)
+    return make_dataloader(dataset, num_workers, single_pass)
 
 
 def get_val_dataloader(

@@ -18,6 +18,7 @@ n_latents, else "dense".
 """
 
 import functools
+import importlib
 import logging
 import math
 import os
@@ -74,7 +75,7 @@ def decode(
     if weight.dim() != 2:
         raise ValueError(f"weight must be [n_inputs, n_latents], got {tuple(weight.shape)}")
     if backend is None:
-        backend = _choose_backend(values, weight)
+        backend = choose_backend(values.device, values.shape[-1], weight.shape[1])
     elif backend not in BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}: choose one of {BACKENDS}")
 
@@ -92,14 +93,15 @@ def decode(
     return out.reshape(*leading, n_inputs)
 
 
-def _choose_backend(values: Tensor, weight: Tensor) -> str:
-    if values.is_cuda and os.environ.get("USE_TRITON", "1") != "0" and _triton_available():
+def choose_backend(device: torch.device, k: int, n_latents: int) -> str:
+    """The backend `decode` uses with `backend=None` for k of n_latents on `device`."""
+    if device.type == "cuda" and os.environ.get("USE_TRITON", "1") != "0" and _triton_available():
         backend = "triton"
-    elif values.shape[-1] < DENSE_MIN_K_SHARE * weight.shape[1]:
+    elif k < DENSE_MIN_K_SHARE * n_latents:
         backend = "embedding_bag"
     else:
         backend = "dense"
-    _log_choice(backend, values.device.type)
+    _log_choice(backend, device.type)
     return backend
 
 
@@ -119,7 +121,7 @@ def _triton_available() -> bool:
 
 def _load_kernels():
     try:
-        from mlsae.model import kernels
+        kernels = importlib.import_module("mlsae.model.kernels")
     except ImportError as error:
         raise ImportError(
             f"the 'triton' decode backend needs Triton, which failed to import ({error}); "
@@ -144,7 +146,10 @@ class _EmbeddingBagDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
-        weight_t = weight.t().to(dtype=torch.float32, memory_format=torch.contiguous_format)
+        weight_t = weight.t()
+        if weight_t.dtype != torch.float32 or not weight_t.is_contiguous():
+            latent_major = torch.empty(weight_t.shape, dtype=torch.float32, device=weight.device)
+            weight_t = latent_major.copy_(weight_t)
         values_f = values.float()
         ctx.n_latents = weight.shape[1]
         ctx.weight_dtype = weight.dtype
@@ -180,9 +185,10 @@ class _EmbeddingBagDecode(torch.autograd.Function):
 def _sparse_transpose_product(
     grad_out: Tensor, values: Tensor, indices: Tensor, n_latents: int
 ) -> Tensor:
-    """`[n_latents, n_inputs]`: row j sums `values[v, i] * grad_out[v]` where `indices[v, i] == j`."""
+    """The latent-major `[n_latents, n_inputs]` product: row j is the sum of
+    `values[v, i] * grad_out[v]` over the entries with `indices[v, i] == j`."""
     k = indices.shape[1]
-    sorted_latents, order = torch.sort(indices.reshape(-1))
+    sorted_latents, order = torch.sort(indices.reshape(-1), stable=True)
     bounds = torch.arange(n_latents, dtype=sorted_latents.dtype, device=indices.device)
     offsets = torch.searchsorted(sorted_latents, bounds)
     return F.embedding_bag(

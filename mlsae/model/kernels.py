@@ -146,7 +146,7 @@ def decode_backward_weight_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """`grad_weight_t[j, :] = sum over (v, i) with indices[v, i] == j of values[v, i] * grad_out[v, :]`.
+    """`grad_weight_t[j, :] = sum of values[v, i] * grad_out[v, :] over indices[v, i] == j`.
 
     The (vector, slot) entries are sorted by latent beforehand: the entries of latent j are
     `offsets[j]:offsets[j + 1]`, with their vector `rows` and `sorted_values`. Grid:

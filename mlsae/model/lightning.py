@@ -225,6 +225,18 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         finally:
             _WEIGHTS_FROM_CHECKPOINT.reset(token)
 
+    @classmethod
+    def load_checkpoint_weights(
+        cls, ckpt_path: str, map_location: str = "cpu"
+    ) -> "MLSAETransformer":
+        """Load a Lightning checkpoint of this module, the transformer's weights included
+        (nothing is downloaded but the transformer's config and tokenizer)."""
+        token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+        try:
+            return cls.load_from_checkpoint(ckpt_path, map_location=map_location)
+        finally:
+            _WEIGHTS_FROM_CHECKPOINT.reset(token)
+
     # The residual stream and the autoencoder ---------------------------------------
 
     def residual_stream(self, tokens: Int[Tensor, "batch pos"]) -> ResidualStream:
@@ -273,6 +285,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         self.bias_initialized = True
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self._count_batch(batch["input_ids"])
         stream = self.residual_stream(batch["input_ids"])
         if not self.bias_initialized:
             self._initialize_bias(stream)
@@ -325,9 +338,10 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         self.autoencoder.update_dead_latents(fired, tokens)
         self._step_fired = self._step_tokens = None
 
-    def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def _count_batch(self, tokens: Tensor) -> None:
+        # Counted here, not in on_train_batch_end: checkpoint callbacks run before it.
         world_size = 1 if self._trainer is None else self.trainer.world_size
-        self.tokens_seen += batch["input_ids"].numel() * world_size
+        self.tokens_seen += tokens.numel() * world_size
         self.micro_batches_seen += world_size
 
     def configure_optimizers(self) -> Any:
@@ -430,7 +444,10 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logged = self._evaluate(batch, True)
         logged = {name.replace("train/", "val/", 1): value for name, value in logged.items()}
-        logged = {name.replace("loss/", "val/loss/", 1) if name.startswith("loss/") else name: value for name, value in logged.items()}
+        logged = {
+            name.replace("loss/", "val/loss/", 1) if name.startswith("loss/") else name: value
+            for name, value in logged.items()
+        }
         self.log_dict(logged, batch_size=batch["input_ids"].shape[0])
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -259,3 +259,21 @@ def initialize(seed: int) -> None:
     seed_everything(seed, workers=True, verbose=False)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_float32_matmul_precision("high")
+
+
+@dataclass
+class UploadConfig:
+    """Publish a trained MLSAE: the -tfm LightningModule and the plain autoencoder."""
+
+    ckpt_path: str
+    """A Lightning checkpoint written by train.py (e.g. out/runs/<run>/checkpoints/last.ckpt)."""
+
+    repo_id: str | None = None
+    """The hub id of the -tfm model (default: the published naming for its hyperparameters);
+    the plain autoencoder goes to the same id without -tfm."""
+
+    output_dir: str = "out/upload"
+    """Where both layouts are written before they are pushed."""
+
+    private: bool = False
+    """Create private hub repositories."""

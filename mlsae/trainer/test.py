@@ -15,15 +15,25 @@ from mlsae.trainer.train import print_summary
 MISSING_TEST_DATA = (
     "{path} does not exist. test.py evaluates on the cached Pile test split by default; "
     "create it with, for example:\n"
-    "  python -c \"from datasets import load_dataset; "
+    '  python -c "from datasets import load_dataset; '
     "load_dataset('monology/pile-uncopyrighted', data_files='test.jsonl.zst', split='train')"
     ".to_json('data/test.jsonl')\" && zstd data/test.jsonl\n"
     "or pass --path with local .jsonl[.zst] files (e.g. quickstart/data/test.jsonl.zst)."
 )
 
 # The original's column order (see tests/data/goldens/test_output.csv); others follow.
-_GROUP_ORDER = ("train/dead", "train/fvu", "train/l1", "train/mse", "val/logit/kldiv",
-                "val/logit/mse", "val/loss/delta", "loss/total", "loss/mse", "loss/auxk")
+_GROUP_ORDER = (
+    "train/dead",
+    "train/fvu",
+    "train/l1",
+    "train/mse",
+    "val/logit/kldiv",
+    "val/logit/mse",
+    "val/loss/delta",
+    "loss/total",
+    "loss/mse",
+    "loss/auxk",
+)
 
 
 def _column_key(name: str) -> tuple[int, str, int]:

@@ -62,7 +62,7 @@ def resume_state(checkpoint_path: str | None) -> dict[str, Any]:
     if not os.path.exists(checkpoint_path):
         raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist")
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
-    return checkpoint.get("mlsae", {})
+    return {**checkpoint.get("mlsae", {}), "epoch": checkpoint.get("epoch", 0)}
 
 
 def print_summary(title: str, metrics: dict[str, float]) -> None:
@@ -125,6 +125,7 @@ def train(config: RunConfig) -> Path:
         split=data.split,
         text_column=data.text_column,
         num_workers=data.num_workers,
+        single_pass=True,
     )
     val_loader = get_val_dataloader(
         data.val_path or data.path,
@@ -155,8 +156,10 @@ def train(config: RunConfig) -> Path:
         logger=make_logger(config, name, run_dir),
         callbacks=[checkpoints, TokensPerSecondBar()],
         max_steps=max_steps,
-        # One pass: the stream is never read twice, even when it ends before max_steps.
-        max_epochs=1,
+        # The stream is read once (a resumed run continues it), so no text is trained on
+        # twice. Its epoch may end before max_steps; the extra epoch yields nothing, and
+        # lets a run resumed from the last batch of an epoch continue into the next.
+        max_epochs=resumed.get("epoch", 0) + 2,
         accumulate_grad_batches=trainer_config.accumulate_grad_batches,
         log_every_n_steps=trainer_config.log_every_n_steps,
         val_check_interval=trainer_config.val_check_interval,

@@ -103,9 +103,9 @@ def test_validation_does_not_touch_the_dead_latent_state():
     model = make_model()
     _, val = loaders(model, 1)
     before = model.autoencoder.tokens_since_fired.clone()
-    Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=2).validate(
-        model, val, verbose=False
-    )
+    Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=2
+    ).validate(model, val, verbose=False)
     assert torch.equal(before, model.autoencoder.tokens_since_fired)
 
 
@@ -121,9 +121,7 @@ def test_trained_checkpoint_round_trips(tmp_path):
         a, b = model(tokens), loaded(tokens)
     assert torch.equal(a.topk.indices, b.topk.indices)
     torch.testing.assert_close(a.recons, b.recons, rtol=0, atol=0)
-    assert torch.equal(
-        loaded.autoencoder.tokens_since_fired, model.autoencoder.tokens_since_fired
-    )
+    assert torch.equal(loaded.autoencoder.tokens_since_fired, model.autoencoder.tokens_since_fired)
 
 
 def test_warmup_and_decay_schedule():
