@@ -34,13 +34,13 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("triton", "embedding_bag", "dense")
 
-DENSE_MIN_K_SHARE = 0.25
+DENSE_MIN_K_SHARE = 1 / 16
 """Automatic selection decodes densely from `k >= DENSE_MIN_K_SHARE * n_latents`.
 
-Measured forward + backward on a 2-core CPU (fp32, 512 inputs, 1,024-4,096 vectors, 4,096
-latents): "embedding_bag" is faster up to k = 1/8 of the latents and ties at about 1/4.
-See `bench/decode.py`.
-"""
+Measured forward + backward on a CPU (fp32, 512 inputs, 1,024 vectors, 4,096 latents, one
+thread): "embedding_bag" takes 0.53x the time of "dense" at k = 1/32 of the latents, 0.89x
+at 1/16, 1.6x at 1/8 and 3.3x at 1/4. Both scale linearly in vectors and inputs, so the
+crossover is a share of the latents. See `bench/decode.py`."""
 
 
 def scatter_topk(topk: TopK, n_latents: int) -> Float[Tensor, "... n_latents"]:

@@ -155,3 +155,71 @@ def test_copy_of_goldens_with_relative_model_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = MLSAETransformer.from_pretrained("ckpt")
     assert model.n_inputs == 48
+
+
+PUBLISHED_CONFIG = {
+    "accumulate_grad_batches": 64,
+    "auxk": 16,
+    "auxk_coef": 0.03125,
+    "batch_size": 1,
+    "dead_steps_threshold": None,
+    "dead_threshold": 0.001,
+    "dead_tokens_threshold": 10000000,
+    "expansion_factor": 4,
+    "k": 4,
+    "layers": None,
+    "lr": 0.0001,
+    "max_length": 64,
+    "skip_special_tokens": True,
+    "standardize": True,
+    "tuned_lens": False,
+}
+
+
+def write_published_tfm(folder, model_dir, layers=None, seed=0):
+    """A `-tfm` checkpoint laid out like the published ones, from a tiny GPT-NeoX."""
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, value in hf_model.state_dict().items():
+        name = name.replace("lm_head.", "embed_out.")
+        tensors[f"transformer.model.{name}"] = value.contiguous()
+    d, n = 32, 128
+    decoder = torch.randn(d, n, generator=generator)
+    tensors["autoencoder.encoder.weight"] = torch.randn(n, d, generator=generator)
+    tensors["autoencoder.decoder.weight"] = decoder / decoder.norm(dim=0) * 1.0003
+    tensors["autoencoder.pre_encoder_bias"] = 0.1 * torch.randn(d, generator=generator)
+    folder.mkdir()
+    config = {**PUBLISHED_CONFIG, "model_name": str(model_dir), "layers": layers}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(tensors, folder / "model.safetensors")
+    return tensors, hf_model
+
+
+@pytest.mark.parametrize("layers", [None, [2]])
+def test_published_layout_built_in_test(tmp_path, layers):
+    from tests.model.tiny_models import save_tiny_model
+
+    model_dir = save_tiny_model("gpt_neox", tmp_path / "tiny")
+    tensors, hf_model = write_published_tfm(tmp_path / "tfm", model_dir, layers)
+    model = MLSAETransformer.from_pretrained(tmp_path / "tfm")
+    assert model.layers == (layers or [0, 1, 2, 3])
+    tokens = torch.randint(1, 300, (2, 16))
+    # HF applies the final norm to its last hidden state; the block's own output has none.
+    hf_model.gpt_neox.final_layer_norm = torch.nn.Identity()
+    hidden = hf_model(tokens, output_hidden_states=True).hidden_states
+    x = torch.stack([hidden[layer + 1] for layer in model.layers]).detach()
+    encoder = tensors["autoencoder.encoder.weight"]
+    decoder = tensors["autoencoder.decoder.weight"]
+    bias = tensors["autoencoder.pre_encoder_bias"]
+    mean = x.mean(-1, keepdim=True)
+    std = (x - mean).std(-1, keepdim=True)
+    pre = ((x - mean) / (std + 1e-5) - bias) @ encoder.T
+    top = pre.topk(4, dim=-1)
+    latents = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    expected = (latents @ decoder.T + bias) * std + mean
+    with torch.no_grad():
+        out = model(tokens)
+    torch.testing.assert_close(out.recons, expected, rtol=1e-4, atol=1e-4)
