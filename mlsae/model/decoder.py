@@ -114,7 +114,8 @@ def _log_choice(backend: str, device_type: str) -> None:
 def _triton_available() -> bool:
     try:
         _load_kernels()
-    except ImportError:
+    except Exception as error:  # a broken install can fail with more than ImportError
+        logger.debug("Triton unavailable: %s", error)
         return False
     return True
 
@@ -177,12 +178,12 @@ class _EmbeddingBagDecode(torch.autograd.Function):
             del ctx.out_graph, ctx.values_leaf
         if ctx.needs_input_grad[2]:
             values, indices = ctx.saved_tensors
-            grad_weight = _sparse_transpose_product(grad_out, values, indices, ctx.n_latents).t()
+            grad_weight = sparse_transpose_product(grad_out, values, indices, ctx.n_latents).t()
             grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_values, None, grad_weight
 
 
-def _sparse_transpose_product(
+def sparse_transpose_product(
     grad_out: Tensor, values: Tensor, indices: Tensor, n_latents: int
 ) -> Tensor:
     """The latent-major `[n_latents, n_inputs]` product: row j is the sum of

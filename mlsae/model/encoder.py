@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mlsae.model.decoder import sparse_transpose_product
 from mlsae.model.types import TopK
 
 
@@ -40,21 +41,20 @@ class _TopKEncode(torch.autograd.Function):
     def backward(ctx, grad_values, _grad_indices, grad_auxk_values, _grad_auxk_indices):
         inputs, weight, indices, auxk_indices = ctx.saved_tensors
         selected = torch.cat([indices, auxk_indices], dim=-1)
-        grads = torch.cat([grad_values, grad_auxk_values], dim=-1).to(weight.dtype)
-        with torch.enable_grad():
-            rows = weight.detach().requires_grad_(ctx.needs_input_grad[1])
+        # Accumulate in fp32 at least (fp64 stays fp64).
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        grads = torch.cat([grad_values, grad_auxk_values], dim=-1).to(compute)
+        grad_inputs = grad_weight = None
+        if ctx.needs_input_grad[0]:
             # grad_inputs[v] = sum_i grads[v, i] * weight[selected[v, i]]
             grad_inputs = F.embedding_bag(
-                selected, rows, per_sample_weights=grads.detach(), mode="sum"
-            )
-            grad_weight = None
-            if ctx.needs_input_grad[1]:
-                # The weight gradient is embedding_bag's own backward with the inputs
-                # as the output gradient: sum over (v, i) with selected[v, i] == j.
-                (grad_weight,) = torch.autograd.grad(
-                    grad_inputs, rows, grad_outputs=inputs.to(weight.dtype)
-                )
-        grad_inputs = grad_inputs.detach().to(inputs.dtype) if ctx.needs_input_grad[0] else None
+                selected, weight.to(compute), per_sample_weights=grads, mode="sum"
+            ).to(inputs.dtype)
+        if ctx.needs_input_grad[1]:
+            # grad_weight[j] = sum over (v, i) with selected[v, i] == j of grads[v, i] * inputs[v]
+            grad_weight = sparse_transpose_product(
+                inputs.to(compute), grads, selected, weight.shape[0]
+            ).to(weight.dtype)
         return grad_inputs, grad_weight, None, None, None
 
 
