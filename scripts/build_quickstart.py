@@ -406,8 +406,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("quickstart"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight_decay", type=float, default=0.1)
     parser.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps")
@@ -421,8 +421,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max_documents", type=int, default=None, help="stop collecting after this many"
     )
-    parser.add_argument("--log_every", type=int, default=25)
-    parser.add_argument("--eval_every", type=int, default=50)
+    parser.add_argument("--log_every", type=int, default=50)
+    parser.add_argument("--eval_every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args(argv)
 

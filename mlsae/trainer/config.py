@@ -5,6 +5,7 @@ original, so `python train.py --help` lists every one with its default.
 """
 
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -259,6 +260,9 @@ def initialize(seed: int) -> None:
     seed_everything(seed, workers=True, verbose=False)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_float32_matmul_precision("high")
+    # The frozen transformer is in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
 @dataclass
