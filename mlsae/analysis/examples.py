@@ -179,13 +179,41 @@ class TopExamples:
         candidates = self._candidates(values16, indices, mask)
         if candidates is None:
             return
-        window_token_ids, window_acts = self._windows(tokens, values16, indices, mask, candidates)
-        self._merge(
-            candidates,
-            tokens[candidates.row, candidates.pos].int(),
-            window_token_ids,
-            window_acts,
-        )
+
+        n = self.n_examples
+        groups, slot = torch.unique(candidates.group, return_inverse=True)
+        candidate_values = torch.full((groups.numel(), n), -torch.inf, device=device)
+        candidate_values[slot, candidates.rank] = candidates.value
+        candidate_index = torch.zeros((groups.numel(), n), dtype=torch.int64, device=device)
+        candidate_index[slot, candidates.rank] = torch.arange(slot.numel(), device=device)
+        merged = torch.cat([self.values[groups], candidate_values], dim=1)
+        best_values, best = merged.topk(n, dim=1)
+        is_kept = best < n
+        kept_index = best.clamp(max=n - 1)
+        new_index = candidate_index.gather(1, (best - n).clamp(min=0))
+
+        # Windows only for the candidates that made it (few, once the best are high).
+        entered = torch.zeros(slot.numel(), dtype=torch.bool, device=device)
+        entered[new_index[~is_kept]] = True
+        entrant_index = entered.nonzero().squeeze(1)
+        entrants = candidates.select(entrant_index)
+        entrant_of = torch.zeros(slot.numel(), dtype=torch.int64, device=device)
+        entrant_of[entrant_index] = torch.arange(entrant_index.numel(), device=device)
+        new_index = entrant_of[new_index]
+        window_token_ids, window_acts = self._windows(tokens, values16, indices, mask, entrants)
+
+        def choose(kept: Tensor, new: Tensor) -> Tensor:
+            trailing = (1,) * (kept.ndim - 2)
+            kept = kept.gather(1, kept_index.view(*best.shape, *trailing).expand_as(kept))
+            if new.numel() == 0:
+                return kept
+            return torch.where(is_kept.view(*best.shape, *trailing), kept, new[new_index])
+
+        token_ids = tokens[entrants.row, entrants.pos].int()
+        self.token_ids[groups] = choose(self.token_ids[groups], token_ids)
+        self.window_token_ids[groups] = choose(self.window_token_ids[groups], window_token_ids)
+        self.window_acts[groups] = choose(self.window_acts[groups], window_acts)
+        self.values[groups] = best_values
 
     def _candidates(
         self,
@@ -217,38 +245,6 @@ class TopExamples:
         rank = position - torch.cummax(torch.where(starts, position, 0), 0).values
         return candidates._replace(rank=rank).select(rank < self.n_examples)
 
-    def _merge(
-        self,
-        candidates: "_Candidates",
-        token_ids: Int[Tensor, " candidate"],
-        window_token_ids: Int[Tensor, "candidate window"],
-        window_acts: Float[Tensor, "candidate window"],
-    ) -> None:
-        """Keep the best `n_examples` of the kept and the candidate examples per group."""
-        n = self.n_examples
-        device = self.values.device
-        groups, slot = torch.unique(candidates.group, return_inverse=True)
-        candidate_values = torch.full((groups.numel(), n), -torch.inf, device=device)
-        candidate_values[slot, candidates.rank] = candidates.value
-        candidate_index = torch.zeros((groups.numel(), n), dtype=torch.int64, device=device)
-        candidate_index[slot, candidates.rank] = torch.arange(slot.numel(), device=device)
-
-        merged = torch.cat([self.values[groups], candidate_values], dim=1)
-        best_values, best = merged.topk(n, dim=1)
-        is_kept = best < n
-        kept_index = best.clamp(max=n - 1)
-        new_index = candidate_index.gather(1, (best - n).clamp(min=0))
-
-        def choose(kept: Tensor, new: Tensor) -> Tensor:
-            trailing = (1,) * (kept.ndim - 2)
-            kept = kept.gather(1, kept_index.view(*best.shape, *trailing).expand_as(kept))
-            return torch.where(is_kept.view(*best.shape, *trailing), kept, new[new_index])
-
-        self.token_ids[groups] = choose(self.token_ids[groups], token_ids)
-        self.window_token_ids[groups] = choose(self.window_token_ids[groups], window_token_ids)
-        self.window_acts[groups] = choose(self.window_acts[groups], window_acts)
-        self.values[groups] = best_values
-
     def _windows(
         self,
         tokens: Int[Tensor, "batch pos"],
@@ -263,7 +259,7 @@ class TopExamples:
         offsets = torch.arange(-self.n_tokens, self.n_tokens + 1, device=tokens.device)
         token_chunks, act_chunks = [], []
         chunk = max(1, _WINDOW_CHUNK_ELEMENTS // (self.window * k))
-        for start in range(0, layer.numel(), chunk):
+        for start in range(0, max(layer.numel(), 1), chunk):
             part = slice(start, start + chunk)
             window = pos[part, None] + offsets
             inside = (window >= 0) & (window < n_positions)

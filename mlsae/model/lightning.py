@@ -442,11 +442,9 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         return logged
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        logged = self._evaluate(batch, True)
-        logged = {name.replace("train/", "val/", 1): value for name, value in logged.items()}
+        # Held-out values of the training metrics go under val/ too (val/fvu/avg, ...).
         logged = {
-            name.replace("loss/", "val/loss/", 1) if name.startswith("loss/") else name: value
-            for name, value in logged.items()
+            _validation_name(name): value for name, value in self._evaluate(batch, True).items()
         }
         self.log_dict(logged, batch_size=batch["input_ids"].shape[0])
 
@@ -467,3 +465,11 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         self.bias_initialized = state.get("bias_initialized", True)
         self.tokens_seen = state.get("tokens_seen", 0)
         self.micro_batches_seen = state.get("micro_batches_seen", 0)
+
+
+def _validation_name(name: str) -> str:
+    if name.startswith("train/"):
+        return "val/" + name[len("train/") :]
+    if name.startswith("loss/"):
+        return "val/" + name
+    return name

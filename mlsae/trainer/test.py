@@ -47,8 +47,12 @@ def _column_key(name: str) -> tuple[int, str, int]:
 
 
 def csv_name(repo_id: str) -> str:
-    """`test_<last part of the repo id or folder>.csv`, as the original names it."""
-    return f"test_{Path(repo_id.rstrip('/')).name}.csv"
+    """`test_<last part of the repo id or folder>.csv`, as the original names it; for a
+    model that train.py saved to `<run>/model`, the run's name."""
+    path = Path(repo_id.rstrip("/"))
+    if path.name == "model" and path.is_dir():
+        path = path.parent
+    return f"test_{path.name}.csv"
 
 
 def test_one(config: TestConfig, repo_id: str) -> Path:

@@ -36,7 +36,7 @@ def test_quickstart_train_then_test(tmp_path: Path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert test.returncode == 0, test.stderr[-4000:]
-    with open(tmp_path / "out" / "test_model.csv") as file:
+    with open(tmp_path / "out" / "test_quickstart.csv") as file:
         row = next(csv.DictReader(file))
     assert 0 < float(row["train/fvu/avg"]) < 1
     assert float(row["val/loss/delta/avg"]) > 0
