@@ -60,9 +60,10 @@ class GeometryConfig:
         default_factory=lambda: DataConfig(path="data/test.jsonl.zst", split="test")
     )
 
-    model_name: str = DEFAULT_MODEL_NAME
-    """A hub id or local folder of a causal LM and its tokenizer (with --repo_id: where the
-    transformer's config and tokenizer are loaded from, if given)."""
+    model_name: str | None = None
+    """A hub id or local folder of a causal LM and its tokenizer (default
+    EleutherAI/pythia-70m-deduped); with --repo_id, where the transformer's config and
+    tokenizer are loaded from instead of the checkpoint's own model_name."""
 
     repo_id: str | None = None
     """A pretrained -tfm model (hub id or local folder) whose transformer and layers to
@@ -90,16 +91,17 @@ class GeometryConfig:
     def load_transformer(self) -> Transformer:
         device = torch.device(self.device) if self.device else get_device()
         if self.repo_id is None:
-            return Transformer(self.model_name, layers=self.layers, device=device)
+            model_name = self.model_name or DEFAULT_MODEL_NAME
+            return Transformer(model_name, layers=self.layers, device=device)
         from mlsae.model.lightning import MLSAETransformer
 
-        overrides = {} if self.model_name == DEFAULT_MODEL_NAME else {"model_name": self.model_name}
+        overrides = {} if self.model_name is None else {"model_name": self.model_name}
         model = MLSAETransformer.from_pretrained(self.repo_id, **overrides)
         model.requires_grad_(False)
         return model.transformer.to(device)
 
     def name(self) -> str:
-        return Path((self.repo_id or self.model_name).rstrip("/")).name
+        return Path((self.repo_id or self.model_name or DEFAULT_MODEL_NAME).rstrip("/")).name
 
 
 class _Moments:
@@ -142,7 +144,7 @@ def residual_vectors(
         outputs = transformer.residual_stream(tokens)
     finally:
         handle.remove()
-    stack = torch.cat([captured[0].unsqueeze(0), outputs])
+    stack = torch.cat([captured[0].unsqueeze(0), outputs]).float()
     if count_special_tokens:
         return stack.flatten(1, 2)
     return stack[:, ~transformer.special_token_mask(tokens)]
@@ -267,4 +269,3 @@ def main(args: list[str] | None = None) -> list[dict[str, Any]]:
 
 if __name__ == "__main__":
     main()
-

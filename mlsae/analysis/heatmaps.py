@@ -188,7 +188,10 @@ def prompt_latents(
 
     result = PromptLatents(
         token_ids=token_ids,
-        tokens=[source.tokenizer.decode([token]) for token in token_ids.tolist()],
+        tokens=[
+            source.tokenizer.decode([token], clean_up_tokenization_spaces=False)
+            for token in token_ids.tolist()
+        ],
         blocks=list(source.layers),
         max_activation=max_activation.cpu(),
         latents=latents.cpu(),

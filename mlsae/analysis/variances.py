@@ -18,7 +18,9 @@ Reported: the mean token variance over the active (token, latent) pairs, the mea
 aggregate variance over the latents active on some token, and their ratio; per latent,
 its mean token variance and its aggregate variance; per token, the mean token variance
 over the latents active on it. Special-token positions are left out unless
-`--count_special_tokens`. Every statistic is exact for the tokens processed.
+`--count_special_tokens`. Every statistic is exact for the tokens processed. (The
+original's script averaged over every (token, latent) pair, inactive ones included as 0,
+and over batches; here only active pairs and latents count, over the whole stream.)
 
 Outputs, in `--output_dir` (default `out/`): `<owner>-<name>-variances.csv` (one row),
 `...-variances-latents.csv` (one row per latent) and `...-variances-tokens.safetensors`
@@ -138,7 +140,7 @@ class Variances:
         ]
 
 
-def layer_variance(weights: Float[Tensor, "layer *rest"]) -> Float[Tensor, " *rest"]:
+def layer_variance(weights: Float[Tensor, "layer ..."]) -> Float[Tensor, "..."]:
     """The variance of the layer index under `weights` normalised over the first dimension
     (NaN where the weights sum to 0)."""
     layers = torch.arange(weights.shape[0], dtype=weights.dtype, device=weights.device)
@@ -166,14 +168,14 @@ class VariancesAccumulator:
         self._token_variance: list[Tensor] = []
         self._n_active: list[Tensor] = []
 
-    def update(
-        self, batch: LatentBatch, token_ids: Int[Tensor, "batch pos"] | None = None
-    ) -> None:
+    def update(self, batch: LatentBatch, token_ids: Int[Tensor, "batch pos"] | None = None) -> None:
         """Add the tokens of one batch (`token_ids` are kept for the per-token output)."""
         values, indices = batch.topk
         device = indices.device
         if self._layer_totals is None:
-            self._token_variance_sum = torch.zeros(self.n_latents, dtype=torch.float64, device=device)
+            self._token_variance_sum = torch.zeros(
+                self.n_latents, dtype=torch.float64, device=device
+            )
             self._active_tokens = torch.zeros(self.n_latents, dtype=torch.int64, device=device)
             self._layer_totals = torch.zeros(
                 self.n_layers, self.n_latents, dtype=torch.float64, device=device

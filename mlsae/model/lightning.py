@@ -6,6 +6,7 @@ decoding from `MLSAE`, losses from `mlsae.model.losses`, metrics from
 """
 
 import contextvars
+import logging
 import math
 from typing import Any, NamedTuple
 
@@ -37,7 +38,10 @@ from mlsae.model.geom_median import geometric_median
 from mlsae.model.hub import StrictHubMixin
 from mlsae.model.lens import TunedLens, load_tuned_lens
 from mlsae.model.losses import auxk_loss, layerwise_fvu
+from mlsae.model.non_finite import NonFiniteTracker
 from mlsae.model.transformer import Transformer
+
+logger = logging.getLogger(__name__)
 
 # True while `from_pretrained` builds a module whose weights the checkpoint holds.
 _WEIGHTS_FROM_CHECKPOINT = contextvars.ContextVar("weights_from_checkpoint", default=False)
@@ -99,6 +103,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         lr_warmup_steps: int = 0,
         lr_decay_steps: int = 0,
         tuned_lens_path: str | None = None,
+        skip_non_finite: bool = False,
     ) -> None:
         """
         Args:
@@ -127,6 +132,8 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
             lr_decay_steps: Final optimizer steps of linear decay to 0.
             tuned_lens_path: A local folder with the tuned lens (default: the
                 tuned-lens release on the hub).
+            skip_non_finite: Skip optimizer steps whose residual stream or loss is not
+                finite (and warn), instead of stopping the run with an error.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -148,6 +155,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         self.adam_eps = adam_eps
         self.lr_warmup_steps = lr_warmup_steps
         self.lr_decay_steps = lr_decay_steps
+        self.skip_non_finite = skip_non_finite
         self.dead_steps_threshold = dead_steps_threshold or max(
             1, dead_tokens_threshold // (batch_size * max_length * accumulate_grad_batches)
         )
@@ -189,6 +197,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         self.bias_initialized = from_checkpoint
         self.tokens_seen = 0
         self.micro_batches_seen = 0
+        self.non_finite = NonFiniteTracker(self.layers)
         self._step_fired: Tensor | None = None
         self._step_tokens: Tensor | None = None
 
@@ -287,6 +296,8 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         self._count_batch(batch["input_ids"])
         stream = self.residual_stream(batch["input_ids"])
+        inputs, _ = self.non_finite.sanitize(stream.inputs)
+        stream = stream._replace(inputs=inputs)
         if not self.bias_initialized:
             self._initialize_bias(stream)
         result = self.autoencoder.forward_standardized(stream.inputs)
@@ -298,6 +309,8 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         if self.auxk is not None and output.auxk.values.shape[-1] > 0:
             aux = auxk_loss(result.inputs - result.recons, output.auxk_recons, stream.mask)
             loss = loss + (self.auxk_coef or 0.0) * aux
+
+        self.non_finite.observe_loss(loss)
 
         fired = self.autoencoder.fired_counts(output.topk, stream.mask)
         tokens = self._count_tokens(stream)
@@ -323,20 +336,49 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         )
         return loss
 
+    def _grad_scaler(self) -> Any:
+        if self._trainer is None:
+            return None
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def on_after_backward(self) -> None:
+        if self._grad_scaler() is not None and self.non_finite.step_bad is not None:
+            # With a gradient scaler, poisoned gradients make it skip the step itself.
+            poison = torch.where(self.non_finite.step_bad, float("nan"), 0.0)
+            for parameter in self.autoencoder.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.add_(poison)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         unit_norm_decoder(self.autoencoder.decoder)
         unit_norm_decoder_gradient(self.autoencoder.decoder)
-        self._update_dead_latents()
+        skip = self.non_finite.end_step(self.global_step)
+        if self._grad_scaler() is None:
+            if getattr(optimizer, "_mlsae_fused", False):
+                optimizer.found_inf = skip.float()
+                optimizer.grad_scale = None
+            elif skip.item():
+                for parameter in self.autoencoder.parameters():
+                    parameter.grad = None
+        self._update_dead_latents(skip)
 
-    def _update_dead_latents(self) -> None:
+    def _update_dead_latents(self, skip: Tensor) -> None:
         if self._step_fired is None:
             return
         fired, tokens = self._step_fired, self._step_tokens
         if self._trainer is not None and self.trainer.world_size > 1:
             fired = self.trainer.strategy.reduce(fired, reduce_op="sum")
             tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
-        self.autoencoder.update_dead_latents(fired, tokens)
+        # A skipped step leaves the dead-latent state as it was.
+        self.autoencoder.update_dead_latents(fired * ~skip, tokens * ~skip)
         self._step_fired = self._step_tokens = None
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
+        interval = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        if self.global_step % max(1, interval) == 0:
+            message = self.non_finite.report(self.skip_non_finite)
+            if message:
+                logger.warning(message)
 
     def _count_batch(self, tokens: Tensor) -> None:
         # Counted here, not in on_train_batch_end: checkpoint callbacks run before it.
@@ -345,7 +387,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         self.micro_batches_seen += world_size
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.Adam(self.autoencoder.parameters(), lr=self.lr, eps=self.adam_eps)
+        optimizer = make_adam(self.autoencoder.parameters(), lr=self.lr, eps=self.adam_eps)
         if not self.lr_warmup_steps and not self.lr_decay_steps:
             return optimizer
         total_steps = self.trainer.estimated_stepping_batches if self._trainer else math.inf
@@ -473,3 +515,16 @@ def _validation_name(name: str) -> str:
     if name.startswith("loss/"):
         return "val/" + name
     return name
+
+
+def make_adam(parameters: Any, lr: float, eps: float) -> torch.optim.Adam:
+    """Adam, fused where torch supports it (CPU and CUDA): one pass over the parameters,
+    and a step that the device itself skips when `found_inf` is set."""
+    parameters = list(parameters)
+    try:
+        optimizer = torch.optim.Adam(parameters, lr=lr, eps=eps, fused=True)
+        optimizer._mlsae_fused = True
+    except (RuntimeError, ValueError):
+        optimizer = torch.optim.Adam(parameters, lr=lr, eps=eps)
+        optimizer._mlsae_fused = False
+    return optimizer

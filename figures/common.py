@@ -1,0 +1,311 @@
+"""What the figure scripts share: the models of a sweep, loading or computing their dists,
+and writing figures and tables."""
+
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from itertools import product
+from pathlib import Path
+from typing import Any, Literal
+
+import simple_parsing
+import torch
+from matplotlib.figure import Figure
+from simple_parsing import field
+
+from mlsae.analysis.config import DEFAULT_MODEL_NAME, cache_path
+from mlsae.analysis.dists import Dists, DistsConfig, save_dists
+from mlsae.trainer.config import DataConfig, initialize
+from mlsae.utils import get_device, get_repo_id
+
+DPI = 200
+
+_PUBLISHED_NAME = re.compile(r"^(?:mlsae|sae)-(?P<model>.+)-x(?P<x>\d+)-k(?P<k>\d+)(?P<rest>.*)$")
+
+
+@dataclass
+class ModelSpec:
+    """One model of a sweep and what is known about it."""
+
+    repo_id: str
+    """A hub id or local folder of a pretrained -tfm model (or a dists file)."""
+
+    label: str
+    """A short name for file names and titles."""
+
+    model_name: str | None = None
+    expansion_factor: int | None = None
+    k: int | None = None
+    tuned_lens: bool = False
+
+    transformer: str | None = None
+    """Where to load the transformer's config and tokenizer from instead of the
+    checkpoint's own model_name."""
+
+    def columns(self) -> dict[str, Any]:
+        """The columns that describe the model in every table."""
+        return {
+            "model": self.label,
+            "repo_id": self.repo_id,
+            "model_name": self.model_name,
+            "expansion_factor": self.expansion_factor,
+            "k": self.k,
+            "tuned_lens": self.tuned_lens,
+        }
+
+
+def model_label(repo_id: str) -> str:
+    """`owner/mlsae-x-tfm` -> `mlsae-x`; a model that train.py saved to `<run>/model` -> the
+    run's name; a file -> its name without the extension."""
+    path = Path(repo_id.rstrip("/"))
+    if path.is_file():
+        return path.name.split(".")[0]
+    if path.name == "model" and path.is_dir():
+        path = path.parent
+    return path.name.removesuffix("-tfm")
+
+
+def describe_model(repo_id: str, transformer: str | None = None) -> ModelSpec:
+    """A `ModelSpec` for an explicit --repo_id, from its config.json when it is a local
+    folder, otherwise from the published naming (`mlsae-<model>-x<E>-k<K>[-lens]`)."""
+    spec = ModelSpec(repo_id=repo_id, label=model_label(repo_id), transformer=transformer)
+    config_path = Path(repo_id) / "config.json"
+    if config_path.is_file():
+        with open(config_path) as file:
+            config = json.load(file)
+        spec.model_name = config.get("model_name")
+        spec.expansion_factor = config.get("expansion_factor")
+        spec.k = config.get("k")
+        spec.tuned_lens = bool(config.get("tuned_lens", False))
+        return spec
+    match = _PUBLISHED_NAME.match(repo_id.rstrip("/").split("/")[-1])
+    if match:
+        spec.model_name = match["model"]
+        spec.expansion_factor = int(match["x"])
+        spec.k = int(match["k"])
+        spec.tuned_lens = "-lens" in match["rest"]
+    return spec
+
+
+@dataclass
+class SweepConfig:
+    """The models to plot: the published models of a sweep, or explicit --repo_id."""
+
+    repo_id: list[str] | None = None
+    """Pretrained -tfm models (hub ids or local folders) to plot instead of the published
+    models of the sweep."""
+
+    model_name: list[str] | None = None
+    """Transformers of the published models (default EleutherAI/pythia-70m-deduped). With
+    --repo_id, a single --model_name is where the transformer's config and tokenizer are
+    loaded from instead of the checkpoint's own model_name."""
+
+    expansion_factor: list[int] = dataclass_field(default_factory=lambda: [64])
+    """Expansion factors of the published models."""
+
+    k: list[int] = field(default_factory=lambda: [32], alias="-k")
+    """k of the published models."""
+
+    tuned_lens: bool = False
+    """Use the published -lens models."""
+
+    analysis_dir: str = "out"
+    """Where the analysis commands keep their outputs (dists, test CSVs, ...): read from
+    there, and written there when a script computes them."""
+
+    output_dir: str = "out/figures"
+    """Where the figures and tables go."""
+
+    device: str | None = None
+    """The device to compute on (default: CUDA when available, otherwise the CPU)."""
+
+    seed: int = 42
+    """The seed of every random number generator."""
+
+    def models(self) -> list[ModelSpec]:
+        """The models of the sweep, in the order of the options."""
+        if self.repo_id:
+            transformer = None
+            if self.model_name:
+                if len(self.model_name) > 1:
+                    raise ValueError("with --repo_id, give at most one --model_name")
+                transformer = self.model_name[0]
+            return [describe_model(repo_id, transformer) for repo_id in self.repo_id]
+        specs = []
+        for model_name, expansion_factor, k in product(
+            self.model_name or [DEFAULT_MODEL_NAME], self.expansion_factor, self.k
+        ):
+            repo_id = get_repo_id(model_name, expansion_factor, k, tuned_lens=self.tuned_lens)
+            specs.append(
+                ModelSpec(
+                    repo_id=repo_id,
+                    label=model_label(repo_id),
+                    model_name=model_name,
+                    expansion_factor=expansion_factor,
+                    k=k,
+                    tuned_lens=self.tuned_lens,
+                )
+            )
+        return specs
+
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device) if self.device else get_device()
+
+
+DistsSource = Literal["auto", "compute", "hub"]
+
+
+@dataclass
+class DistsSweepConfig(SweepConfig):
+    """A sweep whose figures need the dists of each model (the data options are used only
+    to compute missing dists)."""
+
+    data: DataConfig = dataclass_field(
+        default_factory=lambda: DataConfig(path="data/test.jsonl.zst", split="test")
+    )
+
+    dists_source: DistsSource = "auto"
+    """Where dists missing from --analysis_dir come from: `compute` them with
+    mlsae.analysis.dists on the data options (and cache them in --analysis_dir), download
+    the published `-dists` dataset from the `hub`, or `auto`: compute for a local model
+    folder, download for a hub id."""
+
+    recompute: bool = False
+    """Compute the dists even when --analysis_dir has them."""
+
+    count_special_tokens: bool = False
+    """When computing dists, count the zeroed special-token positions (as the original)."""
+
+
+def dists_command(spec: ModelSpec, analysis_dir: str) -> str:
+    return (
+        f"python -m mlsae.analysis.dists --repo_id {spec.repo_id} --output_dir {analysis_dir} "
+        "--path <data> --split <split> --max_length <n> --batch_size <n> --max_tokens <n>"
+    )
+
+
+def load_dists(config: DistsSweepConfig, spec: ModelSpec) -> Dists:
+    """The dists of one model: the file --repo_id names, the cache in --analysis_dir, or
+    (see --dists_source) computed or downloaded."""
+    device = config.torch_device()
+    path = Path(spec.repo_id)
+    if path.is_file() or (path.is_dir() and not (path / "config.json").exists()):
+        return Dists.load(spec.repo_id, device)
+    cached = cache_path(spec.repo_id, "dists", "safetensors", config.analysis_dir)
+    if cached.exists() and not config.recompute:
+        print(f"Dists of {spec.repo_id}: {cached}")
+        return Dists.from_file(cached, device)
+
+    source = config.dists_source
+    if source == "auto":
+        source = "compute" if path.is_dir() else "hub"
+    if source == "hub":
+        try:
+            return Dists.from_hub(spec.repo_id, device)
+        except Exception as error:
+            raise RuntimeError(
+                f"{cached} does not exist and the published dists of {spec.repo_id} could not "
+                f"be downloaded ({type(error).__name__}: {error}). Compute them first with\n  "
+                f"{dists_command(spec, config.analysis_dir)}\nor pass --dists_source compute "
+                "with those data options."
+            ) from error
+    dists_config = DistsConfig(
+        data=config.data,
+        repo_id=spec.repo_id,
+        model_name=spec.transformer,
+        count_special_tokens=config.count_special_tokens,
+        output_dir=config.analysis_dir,
+        device=config.device,
+        seed=config.seed,
+    )
+    try:
+        return save_dists(dists_config)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"cannot compute the dists of {spec.repo_id}: {error}\nPass the data options "
+            f"(--path, --split, --max_tokens, ...), or compute them first with\n  "
+            f"{dists_command(spec, config.analysis_dir)}"
+        ) from error
+
+
+def parse_config(config_class: type, args: Sequence[str] | None, description: str | None):
+    """Parse the command line (the module docstring is the description) and seed."""
+    config = simple_parsing.parse(
+        config_class,
+        args=list(args) if args is not None else None,
+        description=description,
+    )
+    initialize(config.seed)
+    return config
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure outside pyplot (no global state, no interactive backend)."""
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def save_figure(figure: Figure, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    print(f"Saved {path}")
+    return path
+
+
+def format_number(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
+def format_mean_sem(mean: float, sem: float, latex: bool = False, digits: int = 4) -> str:
+    if math.isnan(mean):
+        return ""
+    plus_minus = r" \pm " if latex else " ± "
+    text = f"{mean:.{digits}g}{plus_minus}{sem:.2g}"
+    return f"${text}$" if latex else text
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(character, character) for character in text)
+
+
+def latex_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A booktabs tabular; cells wrapped in `$...$` are kept as they are."""
+
+    def cell(text: str) -> str:
+        return text if text.startswith("$") and text.endswith("$") else latex_escape(text)
+
+    lines = [
+        r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}",
+        r"\toprule",
+        " & ".join(cell(text) for text in header) + r" \\",
+        r"\midrule",
+        *(" & ".join(cell(text) for text in row) + r" \\" for row in rows),
+        r"\bottomrule",
+        r"\end{tabular}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"Saved {path}")
+    return path
