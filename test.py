@@ -1,7 +1,7 @@
 """Evaluate pretrained MLSAEs: `python test.py --help` lists every option."""
 
-from mlsae.trainer.config import TestConfig, parse
-from mlsae.trainer.test import test
+from mlsae.cli import run_command
+from mlsae.trainer.test import main
 
 if __name__ == "__main__":
-    test(parse(TestConfig))
+    run_command(main)

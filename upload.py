@@ -1,7 +1,7 @@
 """Publish a trained MLSAE: `python upload.py --help` lists every option."""
 
-from mlsae.trainer.config import UploadConfig, parse
-from mlsae.trainer.upload import upload
+from mlsae.cli import run_command
+from mlsae.trainer.upload import main
 
 if __name__ == "__main__":
-    upload(parse(UploadConfig))
+    run_command(main)

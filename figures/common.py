@@ -1,11 +1,12 @@
 """What the figure scripts share: the models of a sweep, loading or computing their dists,
 and writing figures and tables."""
 
+import csv
 import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from itertools import product
@@ -17,7 +18,7 @@ import torch
 from matplotlib.figure import Figure
 from simple_parsing import field
 
-from mlsae.analysis.config import DEFAULT_MODEL_NAME, cache_path
+from mlsae.analysis.config import DEFAULT_MODEL_NAME, cache_path, require_local_data
 from mlsae.analysis.dists import Dists, DistsConfig, save_dists
 from mlsae.trainer.config import DataConfig, initialize
 from mlsae.utils import get_device, get_repo_id
@@ -113,10 +114,6 @@ class SweepConfig:
     tuned_lens: bool = False
     """Use the published -lens models."""
 
-    analysis_dir: str = "out"
-    """Where the analysis commands keep their outputs (dists, test CSVs, ...): read from
-    there, and written there when a script computes them."""
-
     output_dir: str = "out/figures"
     """Where the figures and tables go."""
 
@@ -167,6 +164,10 @@ class DistsSweepConfig(SweepConfig):
     data: DataConfig = dataclass_field(
         default_factory=lambda: DataConfig(path="data/test.jsonl.zst", split="test")
     )
+
+    analysis_dir: str = "out"
+    """Where mlsae.analysis.dists caches dists: read from there, and written there when
+    computed."""
 
     dists_source: DistsSource = "auto"
     """Where dists missing from --analysis_dir come from: `compute` them with
@@ -223,6 +224,7 @@ def load_dists(config: DistsSweepConfig, spec: ModelSpec) -> Dists:
         seed=config.seed,
     )
     try:
+        require_local_data(config.data.path)
         return save_dists(dists_config)
     except FileNotFoundError as error:
         raise FileNotFoundError(
@@ -273,7 +275,8 @@ def format_mean_sem(mean: float, sem: float, latex: bool = False, digits: int = 
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    rule = ["---", *("---:" for _ in header[1:])]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -285,8 +288,11 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(character, character) for character in text)
 
 
-def latex_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A booktabs tabular; cells wrapped in `$...$` are kept as they are."""
+def latex_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], escape_header: bool = True
+) -> str:
+    """A booktabs tabular; cells wrapped in `$...$` (and, without `escape_header`, the
+    header) are kept as they are."""
 
     def cell(text: str) -> str:
         return text if text.startswith("$") and text.endswith("$") else latex_escape(text)
@@ -294,7 +300,7 @@ def latex_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = [
         r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}",
         r"\toprule",
-        " & ".join(cell(text) for text in header) + r" \\",
+        " & ".join(cell(text) if escape_header else text for text in header) + r" \\",
         r"\midrule",
         *(" & ".join(cell(text) for text in row) + r" \\" for row in rows),
         r"\bottomrule",
@@ -309,3 +315,77 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
     path.write_text(text)
     print(f"Saved {path}")
     return path
+
+
+def write_csv(path: str | os.PathLike[str], records: Sequence[dict[str, Any]]) -> Path:
+    """One row per record; the columns are the union of the records' keys, in order."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    print(f"Saved {path}")
+    return path
+
+
+Cell = Callable[[dict[str, Any], bool], str]
+"""A displayed cell: from a record and whether the cell is LaTeX."""
+
+
+def write_tables(
+    stem: str | os.PathLike[str],
+    records: Sequence[dict[str, Any]],
+    columns: Sequence[tuple[str, Cell]],
+    latex_header: Sequence[str] | None = None,
+) -> list[Path]:
+    """`<stem>.csv` (the records, every value at full precision), and `<stem>.md` and
+    `<stem>.tex` with the displayed `columns` (title, cell); `latex_header` replaces the
+    titles in the LaTeX table."""
+    header = [title for title, _ in columns]
+    markdown_rows = [[cell(record, False) for _, cell in columns] for record in records]
+    latex_rows = [[cell(record, True) for _, cell in columns] for record in records]
+    return [
+        write_csv(f"{stem}.csv", records),
+        write_text(f"{stem}.md", markdown_table(header, markdown_rows)),
+        write_text(
+            f"{stem}.tex",
+            latex_table(latex_header or header, latex_rows, escape_header=latex_header is None),
+        ),
+    ]
+
+
+def value_cell(key: str, digits: int = 4) -> Cell:
+    return lambda record, latex: format_number(record.get(key), digits)
+
+
+def mean_sem_cell(mean_key: str = "mean", sem_key: str = "sem") -> Cell:
+    return lambda record, latex: format_mean_sem(record[mean_key], record[sem_key], latex)
+
+
+MODEL_COLUMNS: list[tuple[str, Cell]] = [
+    ("Model", value_cell("model")),
+    ("Expansion factor", value_cell("expansion_factor")),
+    ("k", value_cell("k")),
+]
+
+
+def plot_mean_sem(
+    records: Sequence[dict[str, Any]], ylabel: str, path: str | os.PathLike[str]
+) -> Path:
+    """The `mean` ± `sem` of each record, one point per model (`model`), in order."""
+    figure = new_figure(max(3.0, 0.6 * len(records) + 1.5), 3)
+    axes = figure.subplots()
+    positions = range(len(records))
+    axes.errorbar(
+        positions,
+        [record["mean"] for record in records],
+        yerr=[record["sem"] for record in records],
+        fmt="o",
+        capsize=3,
+    )
+    axes.set_xticks(positions, [record["model"] for record in records], rotation=30, ha="right")
+    axes.set_xlim(-0.5, len(records) - 0.5)
+    axes.set_ylabel(ylabel)
+    return save_figure(figure, path)

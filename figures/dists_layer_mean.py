@@ -97,11 +97,13 @@ def plot_histogram(axes: Axes, histogram: Histogram, noninteger: bool) -> None:
 
 def write_histogram(histogram: Histogram, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = zip(histogram.edges[:-1], histogram.edges[1:], histogram.counts, histogram.density)
+    rows = zip(
+        histogram.edges[:-1], histogram.edges[1:], histogram.counts, histogram.density, strict=True
+    )
     with open(path, "w") as file:
         file.write("bin_left,bin_right,count,density\n")
         for left, right, count, density in rows:
-            file.write(f"{left!r},{right!r},{int(count)},{float(density)!r}\n")
+            file.write(f"{float(left)!r},{float(right)!r},{int(count)},{float(density)!r}\n")
     print(f"Saved {path}")
 
 

@@ -36,9 +36,7 @@ class PromptRequest(StrictBody):
 
 class ActivationsRequest(StrictBody):
     prompt: Prompt
-    top_k: Annotated[int | None, Field(ge=1, description="Latents per layer and position.")] = (
-        None
-    )
+    top_k: Annotated[int | None, Field(ge=1, description="Latents per layer and position.")] = None
     """At most the model's k (the latents a TopK SAE selects); None: k."""
 
 
@@ -71,9 +69,7 @@ class SteeringRequest(StrictBody):
     """How much the latent's activation is raised (negative: lowered) at each steered
     position, in the units of the autoencoder's standardised space."""
 
-    positions: Annotated[list[Annotated[int, Field(ge=0)]] | None, Field(max_length=100_000)] = (
-        None
-    )
+    positions: Annotated[list[Annotated[int, Field(ge=0)]] | None, Field(max_length=100_000)] = None
     """The token positions to steer; None: all of them."""
 
     top_n: TopN = 10

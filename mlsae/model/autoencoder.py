@@ -132,6 +132,7 @@ class MLSAE(
 
     _optional_keys = ("tokens_since_fired",)
     _ignored_keys = ("last_nonzero",)
+    _new_config_keys = ("dead_tokens_threshold",)
 
     tokens_since_fired: Int[Tensor, " n_latents"]
 

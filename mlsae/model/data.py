@@ -364,9 +364,9 @@ class TokenBlocks(IterableDataset):
             self.group_size,
         )
         if self.blocks_read == 0:
-            logger.warning(
-                "%r gave no blocks: no group of documents is longer than one block",
-                self.path,
+            raise ValueError(
+                f"{self.path!r} holds no text to train on: no group of documents gives "
+                f"a block of {self.max_length} tokens"
             )
 
 

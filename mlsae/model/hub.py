@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import re
+import types
+import typing
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar
@@ -80,6 +82,22 @@ def load_state_dict_strictly(
     module.load_state_dict(state_dict, strict=False)
 
 
+def _read_json_object(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return config
+
+
+def read_config(model_id: str, **download_kwargs: Any) -> dict[str, Any]:
+    """The `config.json` of a saved module, from a local folder or the hub."""
+    return _read_json_object(_resolve_file(model_id, constants.CONFIG_NAME, **download_kwargs))
+
+
 def _resolve_file(model_id: str, filename: str, **download_kwargs: Any) -> str:
     if os.path.isdir(model_id):
         path = os.path.join(model_id, filename)
@@ -87,6 +105,34 @@ def _resolve_file(model_id: str, filename: str, **download_kwargs: Any) -> str:
             raise FileNotFoundError(f"{filename} not found in {Path(model_id).resolve()}")
         return path
     return hf_hub_download(repo_id=model_id, filename=filename, **download_kwargs)
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value fits a constructor annotation (int, float, bool, str, None,
+    lists and unions of these)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(annotation))
+    if annotation is type(None) or annotation is None:
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if annotation is Any:
+        return True
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 class StrictHubMixin(PyTorchModelHubMixin):
@@ -98,6 +144,8 @@ class StrictHubMixin(PyTorchModelHubMixin):
 
     _optional_keys: ClassVar[tuple[str, ...]] = ()
     _ignored_keys: ClassVar[tuple[str, ...]] = ()
+    _new_config_keys: ClassVar[tuple[str, ...]] = ()
+    """Constructor arguments that configs written by the original code never hold."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any):
@@ -113,13 +161,7 @@ class StrictHubMixin(PyTorchModelHubMixin):
             if key in kwargs
         }
         config_path = _resolve_file(model_id, constants.CONFIG_NAME, **download_kwargs)
-        try:
-            with open(config_path, encoding="utf-8") as file:
-                config = json.load(file)
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{config_path} is not valid JSON: {error}") from error
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{config_path} must hold a JSON object")
+        config = _read_json_object(config_path)
         cls._check_config(config, source=config_path)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
@@ -142,6 +184,28 @@ class StrictHubMixin(PyTorchModelHubMixin):
         missing = [name for name in required if name not in config]
         if missing:
             raise CheckpointError(f"{source} is missing required keys: {', '.join(missing)}")
+        defaulted = [
+            f"{name}={parameter.default!r}"
+            for name, parameter in parameters.items()
+            if name not in cls._new_config_keys
+            and name not in config
+            and name not in required
+            and name != "self"
+            and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        ]
+        if defaulted:
+            warnings.warn(
+                f"{source} lacks config keys, which take their defaults: {', '.join(defaulted)}",
+                stacklevel=3,
+            )
+        hints = typing.get_type_hints(cls.__init__)
+        wrong = [
+            f"{name}={value!r} (expected {_describe(hints[name])})"
+            for name, value in config.items()
+            if name in hints and not _matches(value, hints[name])
+        ]
+        if wrong:
+            raise CheckpointError(f"{source} has values of the wrong type: {', '.join(wrong)}")
 
     @classmethod
     def _from_pretrained(

@@ -35,7 +35,7 @@ from mlsae.model.autoencoder import (
     unit_norm_decoder_gradient,
 )
 from mlsae.model.geom_median import geometric_median
-from mlsae.model.hub import StrictHubMixin
+from mlsae.model.hub import CheckpointError, StrictHubMixin, read_config
 from mlsae.model.lens import TunedLens, load_tuned_lens
 from mlsae.model.losses import auxk_loss, layerwise_fvu
 from mlsae.model.non_finite import NonFiniteTracker
@@ -74,6 +74,14 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
     """A Multi-Layer SAE trained on the residual stream of a frozen causal LM."""
 
     _optional_keys = (r"autoencoder\.tokens_since_fired",)
+    _new_config_keys = (
+        "count_special_tokens",
+        "adam_eps",
+        "lr_warmup_steps",
+        "lr_decay_steps",
+        "tuned_lens_path",
+        "skip_non_finite",
+    )
     _ignored_keys = (
         r"autoencoder\.last_nonzero",
         r"(loss|logits)_(true|pred)",
@@ -169,6 +177,11 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
             layers=layers,
             load_weights=not from_checkpoint,
         )
+        context = getattr(self.transformer.config, "max_position_embeddings", None)
+        if context is not None and max_length > context:
+            raise ValueError(
+                f"max_length {max_length} is longer than {model_name}'s context ({context})"
+            )
         self.layers = self.transformer.layers
         self.n_layers = self.transformer.n_layers
         self.n_inputs = self.transformer.d_model
@@ -225,6 +238,22 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         )
 
     # Loading --------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any):
+        """Load a published or saved `-tfm` model: weights from the checkpoint, the
+        transformer's config and tokenizer from `model_name` (override it to point at a
+        local copy)."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except CheckpointError as error:
+            trained_on = _configured_model_name(pretrained_model_name_or_path)
+            asked = kwargs.get("model_name")
+            if asked is not None and trained_on is not None and asked != trained_on:
+                raise CheckpointError(
+                    f"{error} (the checkpoint was trained on {trained_on!r}, not {asked!r})"
+                ) from error
+            raise
 
     @classmethod
     def _from_pretrained(cls, **kwargs: Any) -> "MLSAETransformer":
@@ -528,3 +557,10 @@ def make_adam(parameters: Any, lr: float, eps: float) -> torch.optim.Adam:
         optimizer = torch.optim.Adam(parameters, lr=lr, eps=eps)
         optimizer._mlsae_fused = False
     return optimizer
+
+
+def _configured_model_name(model_id: Any) -> str | None:
+    try:
+        return read_config(str(model_id)).get("model_name")
+    except Exception:
+        return None

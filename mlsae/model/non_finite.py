@@ -76,7 +76,9 @@ class NonFiniteTracker:
         first = int(self.first_bad_step.item())
         if first < 0:
             return None
-        layers = [layer for layer, bad in zip(self.layers, self.bad_layers.tolist()) if bad]
+        layers = [
+            layer for layer, bad in zip(self.layers, self.bad_layers.tolist(), strict=True) if bad
+        ]
         where = f"the residual stream of layer(s) {layers}" if layers else "the loss"
         message = f"non-finite values (NaN or inf) in {where} at optimizer step {first}"
         if not skip:

@@ -10,6 +10,7 @@ one block and lets the model run the rest, its own final norm and head included.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, overload
 
@@ -416,11 +417,18 @@ def _build_model(
     # transformers renamed `torch_dtype` to `dtype` in 4.56.
     dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     kwargs: dict[str, Any] = {dtype_key: dtype}
+    if model_name.startswith(("/", "./", "../", "~")) and not os.path.isdir(
+        os.path.expanduser(model_name)
+    ):
+        raise FileNotFoundError(f"model folder {model_name} does not exist")
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    if load_weights:
-        return AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
-    config = AutoConfig.from_pretrained(model_name)
+    try:
+        if load_weights:
+            return AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
+        config = AutoConfig.from_pretrained(model_name)
+    except OSError as error:
+        raise OSError(f"cannot load the model {model_name!r}: {error}") from error
     # Random initialisation would otherwise advance the global RNG, which loading weights
     # does not: seeded runs must not depend on how the model was built.
     with torch.random.fork_rng(devices=[]):

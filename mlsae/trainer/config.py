@@ -169,6 +169,10 @@ class TrainerConfig:
     logger: str = "auto"
     """wandb, csv, tensorboard, none, or auto (wandb when logged in, else csv)."""
 
+    skip_non_finite: bool = False
+    """Skip optimizer steps with NaN/inf in the residual stream or loss (with a warning)
+    instead of stopping the run with an error naming the layer and step."""
+
 
 @dataclass
 class RunConfig:
@@ -244,6 +248,49 @@ class TestConfig:
             self.model_name, self.expansion_factor, self.k
         ):
             yield get_repo_id(model_name, expansion_factor, k, tuned_lens=self.tuned_lens)
+
+
+def _require_positive(name: str, value: int | None, allow_none: bool = False) -> None:
+    from mlsae.cli import ConfigError
+
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"--{name} must be a positive integer, got {value}")
+
+
+def check_precision(precision: str | None, accelerator: str = "auto") -> None:
+    """16-bit mixed precision needs CUDA; say so before Lightning does, less clearly."""
+    from mlsae.cli import ConfigError
+
+    on_cpu = accelerator == "cpu" or not torch.cuda.is_available()
+    if precision is not None and precision.startswith("16") and on_cpu:
+        raise ConfigError(
+            f"--precision {precision} needs a CUDA GPU; on the CPU use 32-true or bf16-mixed"
+        )
+
+
+def check_run_config(config: "RunConfig") -> None:
+    """Reject options that cannot work, before any model is loaded."""
+    from mlsae.cli import ConfigError
+
+    ae, data, trainer = config.autoencoder, config.data, config.trainer
+    _require_positive("expansion_factor", ae.expansion_factor)
+    _require_positive("k", ae.k)
+    _require_positive("auxk", ae.auxk, allow_none=True)
+    _require_positive("max_length", data.max_length)
+    _require_positive("batch_size", data.batch_size)
+    _require_positive("max_tokens", data.max_tokens)
+    _require_positive("accumulate_grad_batches", trainer.accumulate_grad_batches)
+    _require_positive("max_steps", trainer.max_steps, allow_none=True)
+    if config.layers is not None and len(set(config.layers)) != len(config.layers):
+        raise ConfigError(f"--layers must not repeat a layer, got {config.layers}")
+    if data.max_tokens < data.batch_size * data.max_length:
+        raise ConfigError(
+            f"--max_tokens {data.max_tokens} is less than one batch "
+            f"({data.batch_size} x {data.max_length} tokens)"
+        )
+    check_precision(trainer.precision, trainer.accelerator)
 
 
 def parse(config_class: type, args: list[str] | None = None, description: str | None = None):

@@ -9,7 +9,7 @@ from lightning.pytorch import Trainer
 
 from mlsae.model.data import get_test_dataloader, load_tokenizer
 from mlsae.model.lightning import MLSAETransformer
-from mlsae.trainer.config import TestConfig, default_precision, initialize
+from mlsae.trainer.config import TestConfig, check_precision, default_precision, initialize, parse
 from mlsae.trainer.train import print_summary
 
 MISSING_TEST_DATA = (
@@ -97,5 +97,11 @@ def test_one(config: TestConfig, repo_id: str) -> Path:
 
 def test(config: TestConfig) -> list[Path]:
     """Evaluate every model the config names; returns the CSV files written."""
+    check_precision(config.precision, config.accelerator)
     initialize(config.seed)
     return [test_one(config, repo_id) for repo_id in config.repo_ids()]
+
+
+def main(args: list[str] | None = None) -> list[Path]:
+    """`python test.py`: parse the command line and evaluate."""
+    return test(parse(TestConfig, args))

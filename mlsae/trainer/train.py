@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
@@ -14,7 +13,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from mlsae.model.data import get_train_dataloader, get_val_dataloader, load_tokenizer
 from mlsae.model.lightning import MLSAETransformer
 from mlsae.trainer.callbacks import TokensPerSecondBar
-from mlsae.trainer.config import RunConfig, default_precision, initialize
+from mlsae.trainer.config import RunConfig, check_run_config, default_precision, initialize, parse
+from mlsae.trainer.faults import AtomicCheckpointIO, CheckpointOnSigterm, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,7 @@ def resume_state(checkpoint_path: str | None) -> dict[str, Any]:
     """What a checkpoint says about the data already trained on."""
     if checkpoint_path is None:
         return {}
-    if not os.path.exists(checkpoint_path):
-        raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = read_checkpoint(checkpoint_path)
     return {**checkpoint.get("mlsae", {}), "epoch": checkpoint.get("epoch", 0)}
 
 
@@ -98,11 +96,13 @@ def build_model(config: RunConfig) -> MLSAETransformer:
         adam_eps=ae.adam_eps,
         lr_warmup_steps=ae.lr_warmup_steps,
         lr_decay_steps=ae.lr_decay_steps,
+        skip_non_finite=config.trainer.skip_non_finite,
     )
 
 
 def train(config: RunConfig) -> Path:
     """Train an MLSAE and save it with `save_pretrained`; returns the output folder."""
+    check_run_config(config)
     initialize(config.seed)
     name = run_name(config)
     run_dir = Path(config.trainer.run_dir) / name
@@ -141,6 +141,7 @@ def train(config: RunConfig) -> Path:
     max_steps = trainer_config.max_steps or max(
         1, math.ceil(data.max_steps / trainer_config.accumulate_grad_batches)
     )
+    sigterm = CheckpointOnSigterm(run_dir / "checkpoints" / "last.ckpt")
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         every_n_train_steps=trainer_config.checkpoint_every_n_steps,
@@ -154,7 +155,8 @@ def train(config: RunConfig) -> Path:
         num_nodes=trainer_config.num_nodes,
         precision=trainer_config.precision or default_precision(),
         logger=make_logger(config, name, run_dir),
-        callbacks=[checkpoints, TokensPerSecondBar()],
+        callbacks=[checkpoints, sigterm, TokensPerSecondBar()],
+        plugins=[AtomicCheckpointIO()],
         max_steps=max_steps,
         # The stream is read once (a resumed run continues it), so no text is trained on
         # twice. Its epoch may end before max_steps; the extra epoch yields nothing, and
@@ -170,6 +172,12 @@ def train(config: RunConfig) -> Path:
         enable_model_summary=False,
     )
     trainer.fit(model, train_loader, val_loader, ckpt_path=trainer_config.checkpoint_path)
+    if sigterm.interrupted:
+        print(
+            f"Stopped by SIGTERM after step {trainer.global_step}; resume with "
+            f"--checkpoint_path {sigterm.checkpoint_path}"
+        )
+        return sigterm.checkpoint_path
     final = trainer.validate(model, val_loader, verbose=False)
 
     if trainer.is_global_zero:
@@ -177,4 +185,13 @@ def train(config: RunConfig) -> Path:
         model.save_pretrained(output_dir)
         if trainer.logger is not None and hasattr(trainer.logger, "finalize"):
             trainer.logger.finalize("success")
+    return output_dir
+
+
+def main(args: list[str] | None = None) -> Path:
+    """`python train.py`: parse the command line, train, name the saved model last."""
+    config = parse(RunConfig, args)
+    output_dir = train(config)
+    if output_dir.suffix != ".ckpt":
+        print(f"Saved the trained model to {output_dir}")
     return output_dir

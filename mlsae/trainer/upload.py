@@ -5,7 +5,7 @@ from pathlib import Path
 from huggingface_hub import get_token
 
 from mlsae.model.lightning import MLSAETransformer
-from mlsae.trainer.config import UploadConfig
+from mlsae.trainer.config import UploadConfig, parse
 from mlsae.utils import get_repo_id
 
 
@@ -41,3 +41,8 @@ def upload(config: UploadConfig) -> tuple[Path, Path]:
     model.autoencoder.push_to_hub(sae_id, private=config.private)
     print(f"Pushed {tfm_id} and {sae_id} (also written to {tfm_dir} and {sae_dir})")
     return tfm_dir, sae_dir
+
+
+def main(args: list[str] | None = None) -> tuple[Path, Path]:
+    """`python upload.py`: parse the command line and publish."""
+    return upload(parse(UploadConfig, args))

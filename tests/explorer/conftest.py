@@ -1,0 +1,45 @@
+"""A tiny random MLSAE over the golden GPT-NeoX and an examples database made from it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlsae.analysis.examples import collect_examples, write_db
+from mlsae.analysis.source import MLSAESource
+from mlsae.model.lightning import MLSAETransformer
+from tests.goldens import GOLDENS
+
+PROMPT = "The cat sat on the mat."
+
+TEXTS = [
+    PROMPT,
+    "A dog ran in the park and the cat watched.",
+    "Numbers such as 1, 2 and 3 are small.",
+    "def add(a, b):\n    return a + b",
+]
+
+
+def tiny_model() -> MLSAETransformer:
+    torch.manual_seed(0)
+    model = MLSAETransformer(
+        model_name=str(GOLDENS / "tiny-gpt-neox-2"),
+        expansion_factor=2,
+        k=4,
+        auxk=8,
+        max_length=32,
+    )
+    return model.requires_grad_(False).eval()
+
+
+@pytest.fixture(scope="package")
+def model() -> MLSAETransformer:
+    return tiny_model()
+
+
+@pytest.fixture(scope="package")
+def examples_db(model: MLSAETransformer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tokenizer = model.transformer.tokenizer
+    batches = [{"input_ids": torch.tensor([tokenizer(text)["input_ids"]])} for text in TEXTS]
+    top = collect_examples(MLSAESource(model), batches, n_examples=4, n_tokens=2)
+    return write_db(top.examples(tokenizer), tmp_path_factory.mktemp("examples") / "tiny.db")
