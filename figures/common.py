@@ -21,7 +21,7 @@ from simple_parsing import field
 from mlsae.analysis.config import DEFAULT_MODEL_NAME, cache_path, require_local_data
 from mlsae.analysis.dists import Dists, DistsConfig, save_dists
 from mlsae.trainer.config import DataConfig, initialize
-from mlsae.utils import get_device, get_repo_id
+from mlsae.utils import get_device, get_repo_id, local_model_name
 
 DPI = 200
 
@@ -65,8 +65,8 @@ def model_label(repo_id: str) -> str:
     path = Path(repo_id.rstrip("/"))
     if path.is_file():
         return path.name.split(".")[0]
-    if path.name == "model" and path.is_dir():
-        path = path.parent
+    if path.is_dir():
+        return local_model_name(str(path)).removesuffix("-tfm")
     return path.name.removesuffix("-tfm")
 
 
@@ -183,9 +183,11 @@ class DistsSweepConfig(SweepConfig):
 
 
 def dists_command(spec: ModelSpec, analysis_dir: str) -> str:
+    transformer = f" --model_name {spec.transformer}" if spec.transformer else ""
     return (
-        f"python -m mlsae.analysis.dists --repo_id {spec.repo_id} --output_dir {analysis_dir} "
-        "--path <data> --split <split> --max_length <n> --batch_size <n> --max_tokens <n>"
+        f"python -m mlsae.analysis.dists --repo_id {spec.repo_id}{transformer} --output_dir "
+        f"{analysis_dir} --path <data> --split <split> --max_length <n> --batch_size <n> "
+        "--max_tokens <n>"
     )
 
 

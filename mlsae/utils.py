@@ -1,5 +1,7 @@
 """Small helpers shared by the commands and the analyses."""
 
+from pathlib import Path
+
 import torch
 
 
@@ -28,3 +30,12 @@ def get_repo_id(
 def get_device() -> torch.device:
     """CUDA when available, otherwise the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def local_model_name(path: str) -> str:
+    """The name of a model saved in a local folder: the folder's name, or the run's name
+    for a model that train.py saved to `<run>/model`."""
+    folder = Path(path.rstrip("/"))
+    if folder.name == "model" and folder.parent.name:
+        folder = folder.parent
+    return folder.name

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from mlsae.analysis.source import MLSAESource, load_source
 from mlsae.model.data import get_test_dataloader, get_train_dataloader
 from mlsae.trainer.config import DataConfig
-from mlsae.utils import get_device, get_repo_id
+from mlsae.utils import get_device, get_repo_id, local_model_name
 
 DEFAULT_MODEL_NAME = "EleutherAI/pythia-70m-deduped"
 
@@ -83,11 +83,12 @@ class AnalysisConfig:
 def derived_name(repo_id: str, suffix: str) -> str:
     """The hub id of a model's analysis dataset: `...-tfm` becomes `...-<suffix>`.
 
-    A local folder gives its last part (`path/to/mlsae-x-tfm` -> `mlsae-x-<suffix>`).
+    A local folder gives its name (`path/to/mlsae-x-tfm` -> `mlsae-x-<suffix>`; a model
+    that train.py saved to `out/runs/<run>/model` -> `<run>-<suffix>`).
     """
     repo_id = repo_id.rstrip("/")
     if os.path.isdir(repo_id):
-        repo_id = Path(repo_id).name
+        repo_id = local_model_name(repo_id)
     if repo_id.endswith(f"-{suffix}"):
         return repo_id
     if repo_id.endswith("-tfm"):

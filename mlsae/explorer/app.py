@@ -84,6 +84,11 @@ def create_app(
         # FastAPI's own handler echoes the input, which fails to serialise if it is NaN.
         return JSONResponse({"detail": _json_safe(jsonable_encoder(error.errors()))}, 422)
 
+    @app.exception_handler(Exception)
+    def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("error while answering %s", request.url.path, exc_info=error)
+        return JSONResponse({"detail": f"internal error: {type(error).__name__}"}, 500)
+
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")

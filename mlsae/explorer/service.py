@@ -248,7 +248,8 @@ class ExplorerService:
     def token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)
         if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+            with self._lock:  # a fast tokenizer must not be used by two threads at once
+                text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
         return text
 
     def tokens(self, prompt: str) -> list[schemas.Token]:
@@ -290,7 +291,7 @@ class ExplorerService:
         with self._lock:
             return self.analyses.get_or_compute(prompt, lambda: self._analyse(prompt))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _analyse(self, prompt: str) -> PromptAnalysis:
         model = self.model
         token_ids = torch.tensor([self.token_ids(prompt)], device=model.device)
@@ -384,7 +385,7 @@ class ExplorerService:
     def metrics(self, prompt: str) -> schemas.Metrics:
         return self._cached(("metrics", prompt), lambda: self._metrics(prompt))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _metrics(self, prompt: str) -> schemas.Metrics:
         model, analysis = self.model, self.analyse(prompt)
         stream = analysis.stream
@@ -417,7 +418,7 @@ class ExplorerService:
         """The model's training metrics (`train/fvu/layer_0`, ...) on the prompt."""
         return self._cached(("training-metrics", prompt), lambda: self._training_metrics(prompt))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _training_metrics(self, prompt: str) -> dict[str, float | None]:
         model, analysis = self.model, self.analyse(prompt)
         output = model.autoencoder(analysis.inputs)
@@ -437,7 +438,7 @@ class ExplorerService:
     def top_logits(self, prompt: str, top_n: int = 10) -> schemas.TopLogits:
         return self._cached(("logits", prompt, top_n), lambda: self._top_logits(prompt, top_n))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _top_logits(self, prompt: str, top_n: int) -> schemas.TopLogits:
         analysis = self.analyse(prompt)
         logits = self.transformer.model(input_ids=analysis.token_ids, use_cache=False).logits
@@ -475,12 +476,13 @@ class ExplorerService:
                     f"positions must be in [0, {analysis.n_positions}), not {outside[:5]}"
                 )
             positions = sorted(set(positions))
-        key = ("steer", prompt, latent, layer, factor, tuple(positions or ()) or None, top_n)
+        chosen = None if positions is None else tuple(positions)
+        key = ("steer", prompt, latent, layer, factor, chosen, top_n)
         return self._cached(
             key, lambda: self._steering(analysis, latent, layer, factor, positions, top_n)
         )
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _steering(
         self,
         analysis: PromptAnalysis,
@@ -512,7 +514,7 @@ class ExplorerService:
             steered = analysis.raw + torch.where(where, shift, 0.0)
         return self._intervene(analysis, layer, steered, top_n)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _intervene(
         self,
         analysis: PromptAnalysis,

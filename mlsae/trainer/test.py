@@ -11,6 +11,7 @@ from mlsae.model.data import get_test_dataloader, load_tokenizer
 from mlsae.model.lightning import MLSAETransformer
 from mlsae.trainer.config import TestConfig, check_precision, default_precision, initialize, parse
 from mlsae.trainer.train import print_summary
+from mlsae.utils import local_model_name
 
 MISSING_TEST_DATA = (
     "{path} does not exist. test.py evaluates on the cached Pile test split by default; "
@@ -49,10 +50,9 @@ def _column_key(name: str) -> tuple[int, str, int]:
 def csv_name(repo_id: str) -> str:
     """`test_<last part of the repo id or folder>.csv`, as the original names it; for a
     model that train.py saved to `<run>/model`, the run's name."""
-    path = Path(repo_id.rstrip("/"))
-    if path.name == "model" and path.is_dir():
-        path = path.parent
-    return f"test_{path.name}.csv"
+    if os.path.isdir(repo_id):
+        return f"test_{local_model_name(repo_id)}.csv"
+    return f"test_{Path(repo_id.rstrip('/')).name}.csv"
 
 
 def test_one(config: TestConfig, repo_id: str) -> Path:

@@ -100,7 +100,7 @@ def build_model(config: RunConfig) -> MLSAETransformer:
     )
 
 
-def train(config: RunConfig) -> Path:
+def train(config: RunConfig, extra_callbacks: list[Any] | None = None) -> Path:
     """Train an MLSAE and save it with `save_pretrained`; returns the output folder."""
     check_run_config(config)
     initialize(config.seed)
@@ -155,7 +155,7 @@ def train(config: RunConfig) -> Path:
         num_nodes=trainer_config.num_nodes,
         precision=trainer_config.precision or default_precision(),
         logger=make_logger(config, name, run_dir),
-        callbacks=[checkpoints, sigterm, TokensPerSecondBar()],
+        callbacks=[checkpoints, sigterm, TokensPerSecondBar(), *(extra_callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         max_steps=max_steps,
         # The stream is read once (a resumed run continues it), so no text is trained on

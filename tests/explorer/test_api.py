@@ -244,6 +244,14 @@ def test_steering_leaves_unsteered_earlier_positions_alone(client: TestClient) -
     assert body["kl_div"][last] > 1e-4
 
 
+def test_steering_no_positions_is_not_steering_all(client: TestClient) -> None:
+    body = dict(prompt=PROMPT, latent=3, layer=0, factor=50.0)
+    nowhere = post(client, "/api/logits/steering", **body, positions=[])
+    everywhere = post(client, "/api/logits/steering", **body)
+    assert all(kl == pytest.approx(0, abs=1e-6) for kl in nowhere["kl_div"])
+    assert all(kl > 1e-4 for kl in everywhere["kl_div"])
+
+
 def test_zero_steering_changes_nothing(client: TestClient) -> None:
     body = post(
         client, "/api/logits/steering", prompt=PROMPT, latent=3, layer=2, factor=0.0, top_n=2

@@ -173,3 +173,12 @@ def test_ddp_ranks_agree(tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert rank0["tokens_since_fired"].max() > 0
+
+    # The same micro-batches in one process, with twice the gradient accumulation.
+    torch.manual_seed(0)
+    model = make_model(dead_tokens_threshold=256, accumulate_grad_batches=2)
+    train, _ = loaders(model, 8)
+    trainer(4, accumulate_grad_batches=2).fit(model, train)
+    single = model.autoencoder.state_dict()
+    for name, value in rank0.items():
+        torch.testing.assert_close(single[name], value, rtol=1e-4, atol=1e-6, msg=name)

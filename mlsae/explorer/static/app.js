@@ -78,7 +78,9 @@ function fixed(value, digits = 2) {
 }
 
 function signed(value, digits = 2) {
-  return (value > 0 ? "+" : "") + Number(value).toFixed(digits);
+  const text = Number(value).toFixed(digits);
+  if (Number(text) === 0) return (0).toFixed(digits);
+  return (value > 0 ? "+" : "") + text;
 }
 
 // White to deep blue, for activations in [0, 1] of the scale's maximum.
