@@ -14,7 +14,7 @@ import torch
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from .schemas import Latent, Layer, Prompt
+from .schemas import Latent, Layer, Logit, Prompt
 from .service import ExplorerService
 
 NUM_LOGITS = 16
@@ -49,13 +49,6 @@ class Token(BaseModel):
     id: int
     token: str
     pos: int
-
-
-class Logit(BaseModel):
-    id: int
-    token: str
-    logit: float
-    prob: float | None = None
 
 
 class MaxLogits(BaseModel):

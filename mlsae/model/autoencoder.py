@@ -254,9 +254,11 @@ class MLSAE(
 
     def _encode_standardized(self, inputs_std: Tensor) -> tuple[TopK, TopK | None]:
         leading = inputs_std.shape[:-1]
-        flat = (inputs_std - self.pre_encoder_bias).reshape(-1, self.n_inputs)
+        flat = inputs_std.reshape(-1, self.n_inputs)
         dead_indices = self.dead_latent_indices() if self.auxk is not None else None
-        topk, auxk = topk_encode(flat, self.encoder.weight, self.k, self.auxk, dead_indices)
+        topk, auxk = topk_encode(
+            flat, self.encoder.weight, self.k, self.auxk, dead_indices, self.pre_encoder_bias
+        )
         topk = TopK(*(t.reshape(*leading, t.shape[-1]) for t in topk))
         if self.auxk is None:
             return topk, None

@@ -23,39 +23,66 @@ def _empty_selection(n_vectors: int, like: Tensor) -> tuple[Tensor, Tensor]:
 
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, inputs, weight, k, auxk, dead_indices):
-        pre_activations = F.linear(inputs, weight)
-        values, indices = pre_activations.topk(k, dim=-1, sorted=False)
-        if auxk and dead_indices is not None and dead_indices.numel() > 0:
-            dead_pre_activations = pre_activations.index_select(-1, dead_indices)
-            n_auxk = min(auxk, dead_indices.numel())
-            auxk_values, positions = dead_pre_activations.topk(n_auxk, dim=-1, sorted=False)
+    def forward(ctx, inputs, bias, weight, k, auxk, dead_indices):
+        x = inputs if bias is None else inputs - bias
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        n_latents = weight.shape[0]
+        with_auxk = bool(auxk) and dead_indices is not None and dead_indices.numel() > 0
+        if with_auxk and dead_indices.numel() < n_latents:
+            # Encode with the dead latents' rows last, so that their pre-activations are a
+            # contiguous slice of every row: AuxK's top-k needs no gather of dead columns.
+            alive = torch.ones(n_latents, dtype=torch.bool, device=weight.device)
+            alive[dead_indices] = False
+            order = torch.cat([alive.nonzero().squeeze(-1), dead_indices])
+            pre_activations = F.linear(x, weight.index_select(0, order))
+        else:
+            order = None
+            pre_activations = F.linear(x, weight)
+        values, indices = fast_topk(pre_activations, k)
+        if order is not None:
+            indices = order[indices]
+        if with_auxk:
+            n_dead = dead_indices.numel()
+            dead_pre_activations = pre_activations[:, n_latents - n_dead :]
+            auxk_values, positions = fast_topk(dead_pre_activations, min(auxk, n_dead))
             auxk_indices = dead_indices[positions]
         else:
             auxk_values, auxk_indices = _empty_selection(inputs.shape[0], values)
-        ctx.save_for_backward(inputs, weight, indices, auxk_indices)
+        del pre_activations
+        ctx.save_for_backward(x, weight, indices, auxk_indices)
         ctx.mark_non_differentiable(indices, auxk_indices)
         return values, indices, auxk_values, auxk_indices
 
     @staticmethod
     def backward(ctx, grad_values, _grad_indices, grad_auxk_values, _grad_auxk_indices):
-        inputs, weight, indices, auxk_indices = ctx.saved_tensors
+        x, weight, indices, auxk_indices = ctx.saved_tensors
         selected = torch.cat([indices, auxk_indices], dim=-1)
         # Accumulate in fp32 at least (fp64 stays fp64).
         compute = torch.promote_types(weight.dtype, torch.float32)
         grads = torch.cat([grad_values, grad_auxk_values], dim=-1).to(compute)
-        grad_inputs = grad_weight = None
+        grad_inputs = grad_bias = grad_weight = None
         if ctx.needs_input_grad[0]:
             # grad_inputs[v] = sum_i grads[v, i] * weight[selected[v, i]]
-            grad_inputs = F.embedding_bag(
+            grad_x = F.embedding_bag(
                 selected, weight.to(compute), per_sample_weights=grads, mode="sum"
-            ).to(inputs.dtype)
-        if ctx.needs_input_grad[1]:
-            # grad_weight[j] = sum over (v, i) with selected[v, i] == j of grads[v, i] * inputs[v]
+            )
+            grad_inputs = grad_x.to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_bias = -grad_x.sum(0)
+        elif ctx.needs_input_grad[1]:
+            # The bias gradient is minus the sum of the rows of grad_inputs: the selected
+            # gradients summed per latent, then one vector-matrix product with the weight.
+            per_latent = grads.new_zeros(weight.shape[0])
+            per_latent.index_add_(0, selected.reshape(-1), grads.reshape(-1))
+            grad_bias = -(per_latent @ weight.to(compute))
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        if ctx.needs_input_grad[2]:
+            # grad_weight[j] = sum over (v, i) with selected[v, i] == j of grads[v, i] * x[v]
             grad_weight = sparse_transpose_product(
-                inputs.to(compute), grads, selected, weight.shape[0]
+                x.to(compute), grads, selected, weight.shape[0]
             ).to(weight.dtype)
-        return grad_inputs, grad_weight, None, None, None
+        return grad_inputs, grad_bias, grad_weight, None, None, None
 
 
 def topk_encode(
@@ -64,15 +91,47 @@ def topk_encode(
     k: int,
     auxk: int | None = None,
     dead_indices: Int[Tensor, " n_dead"] | None = None,
+    bias: Float[Tensor, " n_inputs"] | None = None,
 ) -> tuple[TopK, TopK]:
-    """The k largest pre-activations of `inputs @ weight.T`, and AuxK's selection.
+    """The k largest pre-activations of `(inputs - bias) @ weight.T`, and AuxK's selection.
 
     Returns `(topk, auxk)`, values before ReLU. `auxk` holds the `min(auxk,
     n_dead)` largest pre-activations among the latents in `dead_indices` (an
-    empty selection when there are none). Gradients reach `inputs` and `weight`
-    only through the selected latents.
+    empty selection when there are none). Gradients reach `inputs`, `bias` and
+    `weight` only through the selected latents; with `inputs` not requiring
+    gradients, the bias gradient costs one vector-matrix product.
     """
     values, indices, auxk_values, auxk_indices = _TopKEncode.apply(
-        inputs, weight, k, auxk, dead_indices
+        inputs, bias, weight, k, auxk, dead_indices
     )
     return TopK(values, indices), TopK(auxk_values, auxk_indices)
+
+
+BLOCKED_TOPK_GROUPS = 16
+"""`fast_topk` splits each row into this many interleaved groups of columns."""
+
+
+def fast_topk(x: Float[Tensor, "rows n"], k: int) -> tuple[Tensor, Tensor]:
+    """`x.topk(k, dim=-1, sorted=False)`, exact, faster on the CPU for small k.
+
+    Column j of a row belongs to block `j % (n / groups)`; the k blocks with the largest
+    maxima hold every one of the row's k largest values (an element outside them is
+    exceeded by k block maxima, so it is not among the k largest), so the top-k runs over
+    `groups * k` candidates instead of n. The block maxima are an elementwise max of
+    `groups` contiguous slices, which vectorises. Ties may resolve to other indices of
+    equal values than `torch.topk` picks; the values are identical. Falls back to
+    `torch.topk` where the blocks would not pay (k above n / 64, n not divisible) and on
+    other devices than the CPU.
+    """
+    n = x.shape[-1]
+    groups = BLOCKED_TOPK_GROUPS
+    if x.device.type != "cpu" or x.dim() != 2 or n % groups or k * groups * 4 > n or k == 0:
+        return x.topk(k, dim=-1, sorted=False)
+    width = n // groups
+    blocks = x.unflatten(-1, (groups, width))
+    block_max = blocks.amax(dim=1)
+    _, block_indices = block_max.topk(k, dim=-1, sorted=False)
+    candidates = blocks.gather(2, block_indices.unsqueeze(1).expand(-1, groups, k))
+    values, positions = candidates.flatten(1).topk(k, dim=-1, sorted=False)
+    indices = (positions // k) * width + block_indices.gather(1, positions % k)
+    return values, indices
