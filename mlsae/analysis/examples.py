@@ -409,14 +409,27 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def write_db(examples: Iterable[Example], path: str | os.PathLike[str]) -> Path:
-    """Replace the database at `path` with `examples` (written aside, then moved)."""
+def write_db(
+    examples: Iterable[Example],
+    path: str | os.PathLike[str],
+    n_layers: int | None = None,
+    n_latents: int | None = None,
+) -> Path:
+    """Replace the database at `path` with `examples` (written aside, then moved).
+
+    With `n_layers` and `n_latents`, the database also records the model's shape, so
+    that `Examples.get` can reject a layer or latent out of range.
+    """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     partial.unlink(missing_ok=True)
     connection = create_db(partial)
     try:
         insert_examples(connection, examples)
+        if n_layers is not None and n_latents is not None:
+            connection.execute("CREATE TABLE shape (n_layers INTEGER, n_latents INTEGER)")
+            connection.execute("INSERT INTO shape VALUES (?, ?)", (n_layers, n_latents))
+            connection.commit()
     finally:
         connection.close()
     os.replace(partial, path)
@@ -497,8 +510,29 @@ class Examples:
                 import_dataset(datasets.load_dataset(repo_id, split="train"), self.path)
         self.connection = sqlite3.connect(self.path)
 
+    def shape(self) -> tuple[int, int] | None:
+        """`(n_layers, n_latents)` of the model, when the database records them."""
+        try:
+            row = self.connection.execute("SELECT n_layers, n_latents FROM shape").fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return None if row is None else (int(row[0]), int(row[1]))
+
     def get(self, layer: int, latent: int) -> list[Example]:
-        """The examples of `latent` at `layer`, by act descending."""
+        """The examples of `latent` at `layer`, by act descending.
+
+        A layer (a position in the model's stack of layers) or latent out of range
+        raises a ValueError.
+        """
+        shape = self.shape()
+        for name, value, size in (
+            ("layer", layer, shape[0] if shape else None),
+            ("latent", latent, shape[1] if shape else None),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            if size is not None and value >= size:
+                raise ValueError(f"{name} {value} is out of range: the model has {size}")
         cursor = self.connection.execute(
             "SELECT latent, layer, token_id, token, act, token_ids, tokens, acts "
             "FROM examples WHERE latent = ? AND layer = ? ORDER BY act DESC, id",
@@ -555,6 +589,8 @@ def save_examples(config: ExamplesConfig) -> Examples:
     path = write_db(
         top.examples(source.tokenizer),
         cache_path(repo_id, "examples", "db", config.output_dir),
+        n_layers=source.n_layers,
+        n_latents=source.n_latents,
     )
     print(f"Saved the examples of {repo_id} to {path}")
     examples = Examples(path)

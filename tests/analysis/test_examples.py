@@ -286,3 +286,17 @@ def test_help_lists_the_options(capsys):
     for option in ("--repo_id", "--n_examples", "--n_tokens", "--path", "--max_tokens"):
         assert option in help_text
     assert "monology/pile-uncopyrighted" in "".join(help_text.split())
+
+
+def test_get_rejects_layers_and_latents_out_of_range(tmp_path):
+    example = Example(3, 1, 5, "x", 1.5, [5], ["x"], [1.5])
+    path = write_db([example], tmp_path / "shaped.db", n_layers=2, n_latents=4)
+    with Examples(path) as opened:
+        assert opened.shape() == (2, 4)
+        assert opened.get(1, 3) == [example]
+        with pytest.raises(ValueError, match="layer 2 is out of range"):
+            opened.get(2, 3)
+        with pytest.raises(ValueError, match="latent 4 is out of range"):
+            opened.get(0, 4)
+        with pytest.raises(ValueError, match="non-negative"):
+            opened.get(-1, 0)

@@ -1,0 +1,72 @@
+"""Helpers shared by the benchmarks: interleaved timing, machine notes, peak memory."""
+
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def interleaved_medians(
+    functions: dict[str, Callable[[], object]], repeats: int, warmup: int
+) -> dict[str, dict[str, float]]:
+    """Run every function once per repeat, in turn, and report the median, min and
+    max wall times in seconds (after `warmup` untimed rounds)."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for round_ in range(warmup + repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return {
+        name: {
+            "median_s": statistics.median(values),
+            "min_s": min(values),
+            "max_s": max(values),
+        }
+        for name, values in times.items()
+    }
+
+
+def machine_note() -> dict[str, object]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def current_rss_bytes() -> int:
+    """The resident set size of this process, from /proc (Linux)."""
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_isolated(args: list[str]) -> str:
+    """Run `python <args>` in a fresh process with glibc's mmap threshold lowered, so that
+    freed tensors leave the resident set at once and its peak measures the step's memory.
+    Returns stdout."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    result = subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    return result.stdout

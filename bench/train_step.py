@@ -1,0 +1,347 @@
+"""Benchmark one SAE training step (AuxK on) against dense references and the floor.
+
+Shapes of the Pythia-70m MLSAEs (d_model 512, k 32, AuxK 256): 8,192 latents with 3,072
+vectors (6 layers x 2 x 256) and 32,768 latents with 1,536 vectors, each with no dead
+latents and with half of them dead (so AuxK's top-k and decode run). Implementations:
+
+- "mlsae": `MLSAE.forward_standardized`, the layerwise FVU and AuxK losses, backward, the
+  decoder maintenance of `MLSAETransformer.on_before_optimizer_step`, `make_adam`.
+- "dense": a dense autograd TopK SAE (`bench/reference.py`), fused Adam.
+- "original": the original mlsae's step (`torch.sparse.mm` decode, foreach Adam).
+- "sparsify": EleutherAI sparsify's `SparseCoder` with its AuxK, `torch.optim.Adam`, when
+  `eai-sparsify` is installed (Triton disabled on the CPU).
+- "floor": the encoder matmul plus one fused Adam step over the same parameters.
+- "decode": our decode forward + backward alone (top-k, plus AuxK's when latents are dead).
+
+All run in one process with the same thread count, alternating within every repeat; each
+cell is the median of `--repeats` after `--warmup` untimed rounds. Peak memory of the
+mlsae step is measured in a fresh process (see `bench/common.py`). Prints a markdown table
+and writes JSON.
+
+    python bench/train_step.py [--threads 2] [--repeats 5] [--out bench/results/train_step.json]
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    current_rss_bytes,
+    interleaved_medians,
+    machine_note,
+    peak_rss_bytes,
+    run_isolated,
+)
+from bench.reference import ReferenceSAE, reference_step  # noqa: E402
+from mlsae.model.autoencoder import MLSAE, unit_norm_decoder, unit_norm_decoder_gradient  # noqa: E402
+from mlsae.model.decoder import decode  # noqa: E402
+from mlsae.model.lightning import make_adam  # noqa: E402
+from mlsae.model.losses import auxk_loss, layerwise_fvu  # noqa: E402
+from mlsae.model.types import TopK  # noqa: E402
+
+SHAPES = [
+    # n_inputs, n_latents, (layers, batch, pos), k, auxk
+    (512, 8192, (6, 2, 256), 32, 256),
+    (512, 32768, (6, 1, 256), 32, 256),
+]
+DEAD_FRACTIONS = (0.0, 0.5)
+AUXK_COEF = 1 / 32
+LR, EPS = 1e-4, 6.25e-10
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/train_step.json"))
+    parser.add_argument("--only", nargs="*", help="implementations to run (default: all)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--shape", type=int, nargs="*", help="indices into SHAPES")
+    parser.add_argument("--memory-child", nargs=2, metavar=("SHAPE", "DEAD"), help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def setup(shape_index: int, dead_fraction: float, seed: int):
+    """Inputs, the shared initial parameters and the dead mask of one benchmark cell."""
+    n_inputs, n_latents, leading, k, auxk = SHAPES[shape_index]
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*leading, n_inputs, generator=generator) * 3 + 1
+    encoder = (torch.rand(n_latents, n_inputs, generator=generator) * 2 - 1) / n_inputs**0.5
+    decoder = encoder.t() / encoder.t().norm(dim=0, keepdim=True)
+    bias = torch.randn(n_inputs, generator=generator) * 0.1
+    dead = torch.zeros(n_latents, dtype=torch.bool)
+    n_dead = int(dead_fraction * n_latents)
+    dead[torch.randperm(n_latents, generator=generator)[:n_dead]] = True
+    return x, encoder, decoder.contiguous(), bias, dead, k, auxk
+
+
+def make_mlsae(encoder, decoder, bias, dead, k, auxk) -> MLSAE:
+    n_latents, n_inputs = encoder.shape
+    model = MLSAE(n_inputs, n_latents, k, auxk=auxk, dead_tokens_threshold=1)
+    with torch.no_grad():
+        model.encoder.weight.copy_(encoder)
+        model.decoder.weight.copy_(decoder)
+        model.pre_encoder_bias.copy_(bias)
+        model.tokens_since_fired.copy_(dead.long())
+    model._dead_indices = None
+    return model
+
+
+def mlsae_loss(model: MLSAE, x: torch.Tensor) -> torch.Tensor:
+    result = model.forward_standardized(x)
+    output = result.output
+    loss = layerwise_fvu(x, output.recons).mean()
+    if output.auxk is not None and output.auxk.values.shape[-1] > 0:
+        error = result.inputs - result.recons
+        loss = loss + AUXK_COEF * auxk_loss(error, output.auxk_recons)
+    return loss
+
+
+def mlsae_step(model: MLSAE, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    loss = mlsae_loss(model, x)
+    loss.backward()
+    unit_norm_decoder(model.decoder)
+    unit_norm_decoder_gradient(model.decoder)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def check_parity(x, encoder, decoder, bias, dead, k, auxk) -> dict[str, float]:
+    """Gradients of one mlsae loss against the dense autograd reference's."""
+    model = make_mlsae(encoder, decoder, bias, dead, k, auxk)
+    reference = ReferenceSAE(encoder, decoder, bias, k, auxk)
+    loss = mlsae_loss(model, x)
+    loss.backward()
+    loss_ref = reference.loss(x, dead, AUXK_COEF, sparse_coo=False)
+    loss_ref.backward()
+    pairs = {
+        "encoder": (model.encoder.weight.grad, reference.encoder.grad),
+        "decoder": (model.decoder.weight.grad, reference.decoder.grad),
+        "pre_encoder_bias": (model.pre_encoder_bias.grad, reference.pre_encoder_bias.grad),
+    }
+    result = {"loss_abs_diff": abs(loss.item() - loss_ref.item())}
+    for name, (ours, ref) in pairs.items():
+        scale = ref.abs().max().item() or 1.0
+        result[f"{name}_grad_max_rel_diff"] = (ours - ref).abs().max().item() / scale
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6 * scale)
+    return result
+
+
+def make_sparsify(encoder, decoder, bias, k):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    n_latents, n_inputs = encoder.shape
+    coder = SparseCoder(n_inputs, SparseCoderConfig(num_latents=n_latents, k=k))
+    with torch.no_grad():
+        coder.encoder.weight.copy_(encoder)
+        coder.W_dec.copy_(decoder.t())
+        coder.b_dec.copy_(bias)
+    return coder, torch.optim.Adam(coder.parameters(), lr=LR, eps=EPS)
+
+
+def sparsify_step(coder, optimizer, flat: torch.Tensor, dead: torch.Tensor) -> None:
+    out = coder(flat, dead_mask=dead)
+    loss = out.fvu + AUXK_COEF * out.auxk_loss
+    loss.backward()
+    coder.remove_gradient_parallel_to_decoder_directions()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    coder.set_decoder_norm_to_unit_norm()
+
+
+def make_floor(encoder, decoder, bias, flat: torch.Tensor):
+    """The encoder matmul and a fused Adam step over parameters of the same sizes."""
+    params = [torch.nn.Parameter(t.clone()) for t in (encoder, decoder, bias)]
+    for param in params:
+        param.grad = torch.randn_like(param) * 1e-3
+    optimizer = torch.optim.Adam(params, lr=LR, eps=EPS, fused=True)
+    weight = encoder.clone()
+
+    def matmul() -> None:
+        flat @ weight.t()
+
+    def floor() -> None:
+        flat @ weight.t()
+        optimizer.step()
+
+    return floor, matmul, optimizer
+
+
+def make_decode(encoder, decoder, flat, dead, k, auxk):
+    """Our decode forward + backward at the step's shapes: top-k, and AuxK's over dead."""
+    n_vectors = flat.shape[0]
+    pre = flat @ encoder.t()
+    values, indices = pre.topk(k, dim=-1)
+    selections = [(values.relu(), indices)]
+    n_dead = int(dead.sum())
+    if auxk and n_dead:
+        dead_indices = dead.nonzero().squeeze(-1)
+        aux_values, positions = pre[:, dead_indices].topk(min(auxk, n_dead), dim=-1)
+        selections.append((aux_values.relu(), dead_indices[positions]))
+    del pre
+    weight = decoder.clone().requires_grad_()
+    leaves = [v.clone().requires_grad_() for v, _ in selections]
+    grad = torch.randn(n_vectors, decoder.shape[0])
+
+    def run() -> None:
+        for leaf, (_, idx) in zip(leaves, selections, strict=True):
+            decode(TopK(leaf, idx), weight).backward(grad)
+        weight.grad = None
+        for leaf in leaves:
+            leaf.grad = None
+
+    return run
+
+
+def memory_child(shape_index: int, dead_fraction: float, seed: int) -> None:
+    x, encoder, decoder, bias, dead, k, auxk = setup(shape_index, dead_fraction, seed)
+    model = make_mlsae(encoder, decoder, bias, dead, k, auxk)
+    optimizer = make_adam(model.parameters(), lr=LR, eps=EPS)
+    mlsae_step(model, optimizer, x)  # creates the optimizer state
+    del encoder, decoder, bias
+    before = current_rss_bytes()
+    mlsae_step(model, optimizer, x)
+    peak_extra = peak_rss_bytes() - before
+    n_params = sum(p.numel() for p in model.parameters())
+    n_vectors = x.numel() // x.shape[-1]
+    persistent = 4 * (3 * n_params) + x.numel() * 4  # params + Adam's two moments + inputs
+    allowance = 4 * (n_vectors * model.n_latents + 4 * n_params) + x.numel() * 4
+    print(
+        json.dumps(
+            {
+                "step_extra_bytes": peak_extra,
+                "persistent_bytes": persistent,
+                "peak_bytes": persistent + peak_extra,
+                "allowance_bytes": allowance,
+                "pre_activation_bytes": 4 * n_vectors * model.n_latents,
+            }
+        )
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(int(args.memory_child[0]), float(args.memory_child[1]), args.seed)
+        return
+    try:
+        import sparsify  # noqa: F401
+
+        have_sparsify = True
+    except ImportError:
+        have_sparsify = False
+
+    names = ["mlsae", "dense", "original", "sparsify", "floor", "matmul", "decode"]
+    if not have_sparsify:
+        names.remove("sparsify")
+    if args.only:
+        names = [n for n in names if n in args.only or n in ("floor", "matmul")]
+    shape_indices = args.shape if args.shape is not None else range(len(SHAPES))
+
+    rows = []
+    for shape_index in shape_indices:
+        for dead_fraction in DEAD_FRACTIONS:
+            x, encoder, decoder, bias, dead, k, auxk = setup(shape_index, dead_fraction, args.seed)
+            flat = x.reshape(-1, x.shape[-1])
+            parity = check_parity(x, encoder, decoder, bias, dead, k, auxk)
+            functions = {}
+            keep = []  # hold the modules and optimizers alive
+            if "mlsae" in names:
+                model = make_mlsae(encoder, decoder, bias, dead, k, auxk)
+                opt = make_adam(model.parameters(), lr=LR, eps=EPS)
+                functions["mlsae"] = lambda m=model, o=opt: mlsae_step(m, o, x)
+            for name, fused, coo in (("dense", True, False), ("original", False, True)):
+                if name in names:
+                    sae = ReferenceSAE(encoder, decoder, bias, k, auxk)
+                    opt = torch.optim.Adam(sae.parameters(), lr=LR, eps=EPS, fused=fused)
+                    functions[name] = lambda s=sae, o=opt, c=coo: reference_step(
+                        s, o, x, dead, AUXK_COEF, c
+                    )
+            if "sparsify" in names:
+                coder, opt = make_sparsify(encoder, decoder, bias, k)
+                functions["sparsify"] = lambda c=coder, o=opt: sparsify_step(c, o, flat, dead)
+            floor, matmul, opt = make_floor(encoder, decoder, bias, flat)
+            keep.append(opt)
+            functions["floor"], functions["matmul"] = floor, matmul
+            if "decode" in names:
+                functions["decode"] = make_decode(encoder, decoder, flat, dead, k, auxk)
+            timings = interleaved_medians(functions, args.repeats, args.warmup)
+            memory = None
+            if not args.no_memory and "mlsae" in names:
+                script = str(Path(__file__).resolve())
+                threads = ["--threads", str(args.threads)] if args.threads else []
+                child_args = [script, "--memory-child", str(shape_index), str(dead_fraction)]
+                memory = json.loads(run_isolated(child_args + threads).strip().splitlines()[-1])
+            n_inputs, n_latents = encoder.shape[1], encoder.shape[0]
+            rows.append(
+                {
+                    "n_inputs": n_inputs,
+                    "n_latents": n_latents,
+                    "n_vectors": flat.shape[0],
+                    "k": k,
+                    "auxk": auxk,
+                    "dead_fraction": dead_fraction,
+                    "timings": timings,
+                    "parity": parity,
+                    "memory": memory,
+                }
+            )
+            print_row(rows[-1])
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"machine": machine_note(), "repeats": args.repeats, "rows": rows}
+    args.out.write_text(json.dumps(record, indent=2))
+    print_table(rows)
+    print(f"\nthreads: {torch.get_num_threads()}; wrote {args.out}")
+
+
+def print_row(row: dict) -> None:
+    cells = ", ".join(f"{n} {t['median_s'] * 1e3:.0f} ms" for n, t in row["timings"].items())
+    print(f"# {row['n_latents']} latents, dead {row['dead_fraction']:.0%}: {cells}", flush=True)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        "\n| latents | vectors | dead | implementation | median ms | x floor | x mlsae |"
+        "\n|---|---|---|---|---|---|---|"
+    )
+    for row in rows:
+        timings = row["timings"]
+        floor = timings["floor"]["median_s"]
+        ours = timings.get("mlsae", {}).get("median_s")
+        for name, timing in timings.items():
+            median = timing["median_s"]
+            versus = f"{median / ours:.2f}" if ours else "-"
+            print(
+                f"| {row['n_latents']} | {row['n_vectors']} | {row['dead_fraction']:.0%} | {name}"
+                f" | {median * 1e3:.0f} | {median / floor:.2f} | {versus} |"
+            )
+    print("\n| latents | dead | decode share of step | peak MiB | allowance MiB | peak/allow |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        timings = row["timings"]
+        share = "-"
+        if "decode" in timings and "mlsae" in timings:
+            share = f"{timings['decode']['median_s'] / timings['mlsae']['median_s']:.1%}"
+        memory = row["memory"]
+        if memory:
+            peak, allowance = memory["peak_bytes"] / 2**20, memory["allowance_bytes"] / 2**20
+            mem = f"{peak:.0f} | {allowance:.0f} | {peak / allowance:.2f}"
+        else:
+            mem = "- | - | -"
+        print(f"| {row['n_latents']} | {row['dead_fraction']:.0%} | {share} | {mem} |")
+
+
+if __name__ == "__main__":
+    main()
