@@ -99,6 +99,20 @@ def unit_norm_decoder_gradient(decoder: nn.Linear) -> None:
     grad.sub_(parallel * weight)
 
 
+@torch.no_grad()
+def maintain_decoder(decoder: nn.Linear) -> None:
+    """`unit_norm_decoder` then `unit_norm_decoder_gradient`, fused: four passes over the
+    decoder (column norms, the division, the gradient's components along the columns, its
+    update) with no `[n_inputs, n_latents]` temporaries. Equal to the two functions to
+    float rounding."""
+    weight, grad = decoder.weight, decoder.weight.grad
+    if grad is None:
+        raise ValueError("the decoder has no gradient: call this after backward")
+    weight.div_(torch.linalg.vecdot(weight, weight, dim=0).sqrt_())
+    parallel = torch.linalg.vecdot(grad, weight, dim=0)
+    grad.addcmul_(weight, parallel, value=-1)
+
+
 def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return

@@ -28,12 +28,14 @@ class _TopKEncode(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         n_latents = weight.shape[0]
         with_auxk = bool(auxk) and dead_indices is not None and dead_indices.numel() > 0
-        if with_auxk and dead_indices.numel() < n_latents:
-            # Encode with the dead latents' rows last, so that their pre-activations are a
-            # contiguous slice of every row: AuxK's top-k needs no gather of dead columns.
-            alive = torch.ones(n_latents, dtype=torch.bool, device=weight.device)
-            alive[dead_indices] = False
-            order = torch.cat([alive.nonzero().squeeze(-1), dead_indices])
+        n_dead = dead_indices.numel() if with_auxk else 0
+        if 0 < n_dead < n_latents:
+            # Encode with the dead latents' rows last (a stable sort of the dead flags, so no
+            # host sync), so that their pre-activations are a contiguous slice of every row:
+            # AuxK's top-k then needs no gather of dead columns.
+            is_dead = torch.zeros(n_latents, dtype=torch.int8, device=weight.device)
+            is_dead[dead_indices] = 1
+            order = torch.argsort(is_dead, stable=True)
             pre_activations = F.linear(x, weight.index_select(0, order))
         else:
             order = None
@@ -42,10 +44,10 @@ class _TopKEncode(torch.autograd.Function):
         if order is not None:
             indices = order[indices]
         if with_auxk:
-            n_dead = dead_indices.numel()
             dead_pre_activations = pre_activations[:, n_latents - n_dead :]
             auxk_values, positions = fast_topk(dead_pre_activations, min(auxk, n_dead))
-            auxk_indices = dead_indices[positions]
+            dead_order = dead_indices if order is None else order[n_latents - n_dead :]
+            auxk_indices = dead_order[positions]
         else:
             auxk_values, auxk_indices = _empty_selection(inputs.shape[0], values)
         del pre_activations
@@ -96,8 +98,8 @@ def topk_encode(
     """The k largest pre-activations of `(inputs - bias) @ weight.T`, and AuxK's selection.
 
     Returns `(topk, auxk)`, values before ReLU. `auxk` holds the `min(auxk,
-    n_dead)` largest pre-activations among the latents in `dead_indices` (an
-    empty selection when there are none). Gradients reach `inputs`, `bias` and
+    n_dead)` largest pre-activations among the latents in `dead_indices` (unique;
+    an empty selection when there are none). Gradients reach `inputs`, `bias` and
     `weight` only through the selected latents; with `inputs` not requiring
     gradients, the bias gradient costs one vector-matrix product.
     """
@@ -107,25 +109,29 @@ def topk_encode(
     return TopK(values, indices), TopK(auxk_values, auxk_indices)
 
 
-BLOCKED_TOPK_GROUPS = 16
-"""`fast_topk` splits each row into this many interleaved groups of columns."""
+MAX_TOPK_GROUPS = 16
+"""`fast_topk` splits each row into at most this many interleaved groups of columns."""
 
 
 def fast_topk(x: Float[Tensor, "rows n"], k: int) -> tuple[Tensor, Tensor]:
-    """`x.topk(k, dim=-1, sorted=False)`, exact, faster on the CPU for small k.
+    """`x.topk(k, dim=-1, sorted=False)`, exact, faster on the CPU where k is small next
+    to n.
 
-    Column j of a row belongs to block `j % (n / groups)`; the k blocks with the largest
-    maxima hold every one of the row's k largest values (an element outside them is
-    exceeded by k block maxima, so it is not among the k largest), so the top-k runs over
-    `groups * k` candidates instead of n. The block maxima are an elementwise max of
-    `groups` contiguous slices, which vectorises. Ties may resolve to other indices of
-    equal values than `torch.topk` picks; the values are identical. Falls back to
-    `torch.topk` where the blocks would not pay (k above n / 64, n not divisible) and on
-    other devices than the CPU.
+    A row's n columns are cut into `groups` interleaved slices of `n / groups` columns;
+    block b holds column b of every slice. The k blocks with the largest maxima hold all
+    of the row's k largest values: any other element is exceeded by k block maxima, so
+    it is not among the k largest. The top-k then runs over `groups * k` candidates
+    instead of n, and the block maxima are an elementwise max of `groups` contiguous
+    slices, which vectorises. `groups` is the largest power of two up to
+    `MAX_TOPK_GROUPS` that divides n and leaves at least `4 * k` blocks; with fewer than
+    two groups, or off the CPU, this is `torch.topk`. The selected values are identical
+    to `torch.topk`'s; among tied values the indices may differ.
     """
     n = x.shape[-1]
-    groups = BLOCKED_TOPK_GROUPS
-    if x.device.type != "cpu" or x.dim() != 2 or n % groups or k * groups * 4 > n or k == 0:
+    groups = MAX_TOPK_GROUPS
+    while groups > 1 and (n % groups or n // groups < 4 * k):
+        groups //= 2
+    if x.device.type != "cpu" or x.dim() != 2 or groups < 2 or k == 0:
         return x.topk(k, dim=-1, sorted=False)
     width = n // groups
     blocks = x.unflatten(-1, (groups, width))

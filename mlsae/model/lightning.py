@@ -31,8 +31,7 @@ from mlsae.metrics.spliced import logit_kldiv, logit_mse, next_token_loss
 from mlsae.model.autoencoder import (
     MLSAE,
     AutoencoderOutput,
-    unit_norm_decoder,
-    unit_norm_decoder_gradient,
+    maintain_decoder,
 )
 from mlsae.model.geom_median import geometric_median
 from mlsae.model.hub import CheckpointError, StrictHubMixin, read_config
@@ -379,8 +378,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
                     parameter.grad.add_(poison)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        unit_norm_decoder(self.autoencoder.decoder)
-        unit_norm_decoder_gradient(self.autoencoder.decoder)
+        maintain_decoder(self.autoencoder.decoder)
         skip = self.non_finite.end_step(self.global_step)
         if self._grad_scaler() is None:
             if getattr(optimizer, "_mlsae_fused", False):

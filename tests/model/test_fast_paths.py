@@ -1,0 +1,133 @@
+"""The training step's fast paths against their plain references: `fast_topk` against
+`torch.topk`, `maintain_decoder` against the two maintenance functions, the encoder's
+bias gradient and `sparse_transpose_product` against dense autograd, and the decode's
+cached latent-major copy against fresh decodes."""
+
+import pytest
+import torch
+
+from mlsae.model.autoencoder import (
+    maintain_decoder,
+    unit_norm_decoder,
+    unit_norm_decoder_gradient,
+)
+from mlsae.model.decoder import decode, sparse_transpose_product
+from mlsae.model.encoder import fast_topk, topk_encode
+from mlsae.model.types import TopK
+
+
+def _sorted(indices: torch.Tensor) -> torch.Tensor:
+    return indices.sort(dim=-1).values
+
+
+@pytest.mark.parametrize(
+    ("n", "k"), [(8192, 32), (4096, 256), (1024, 8), (1000, 5), (64, 16), (48, 3), (128, 0)]
+)
+def test_fast_topk_selects_the_same_latents_as_torch_topk(n, k):
+    generator = torch.Generator().manual_seed(n + k)
+    x = torch.randn(37, n, generator=generator)
+    values, indices = fast_topk(x, k)
+    ref_values, ref_indices = x.topk(k, dim=-1, sorted=False)
+    assert torch.equal(_sorted(indices), _sorted(ref_indices))
+    assert torch.equal(values.sort(dim=-1).values, ref_values.sort(dim=-1).values)
+    assert torch.equal(x.gather(1, indices), values)
+
+
+def test_fast_topk_on_a_column_slice_and_with_clustered_maxima():
+    x = torch.randn(9, 8192)
+    # The largest values all in one interleaved block: the blocks' bound must still hold.
+    x[:, 5::512] += 100.0
+    x[:, 7] += 50.0
+    for view in (x, x[:, 4096:]):
+        values, indices = fast_topk(view, 24)
+        assert torch.equal(_sorted(indices), _sorted(view.topk(24, dim=-1).indices))
+        assert torch.equal(view.gather(1, indices), values)
+
+
+def test_fast_topk_ties_keep_the_selected_values():
+    x = torch.zeros(3, 4096)
+    x[:, 100:140] = 1.0
+    values, indices = fast_topk(x, 32)
+    assert torch.equal(values, torch.ones(3, 32))
+    assert ((indices >= 100) & (indices < 140)).all()
+    assert all(row.unique().numel() == 32 for row in indices)
+
+
+def test_maintain_decoder_equals_the_two_functions():
+    torch.manual_seed(0)
+    fused = torch.nn.Linear(300, 48, bias=False)
+    fused.weight.data.mul_(3.0)
+    fused.weight.grad = torch.randn(48, 300)
+    plain = torch.nn.Linear(300, 48, bias=False)
+    plain.weight.data.copy_(fused.weight.data)
+    plain.weight.grad = fused.weight.grad.clone()
+    maintain_decoder(fused)
+    unit_norm_decoder(plain)
+    unit_norm_decoder_gradient(plain)
+    torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_maintain_decoder_needs_a_gradient():
+    with pytest.raises(ValueError, match="gradient"):
+        maintain_decoder(torch.nn.Linear(8, 4, bias=False))
+
+
+@pytest.mark.parametrize("inputs_grad", [False, True])
+def test_encoder_bias_gradient_matches_dense_autograd(inputs_grad):
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(11, 9, generator=generator, dtype=torch.float64)
+    weight = torch.randn(40, 9, generator=generator, dtype=torch.float64)
+    bias = torch.randn(9, generator=generator, dtype=torch.float64)
+    dead = torch.tensor([2, 3, 17, 30, 31, 39])
+
+    x1 = inputs.clone().requires_grad_(inputs_grad)
+    w1, b1 = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    topk, aux = topk_encode(x1, w1, 4, 3, dead, bias=b1)
+    x2 = inputs.clone().requires_grad_(inputs_grad)
+    w2, b2 = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    pre = (x2 - b2) @ w2.T
+    is_dead = torch.zeros(40, dtype=torch.bool)
+    is_dead[dead] = True
+    ref_top = pre.gather(1, topk.indices)
+    ref_aux = pre.gather(1, aux.indices)
+    assert torch.equal(_sorted(topk.indices), _sorted(pre.topk(4, dim=-1).indices))
+    masked = pre.masked_fill(~is_dead, float("-inf"))
+    assert torch.equal(_sorted(aux.indices), _sorted(masked.topk(3, dim=-1).indices))
+
+    scale_top = torch.linspace(-1, 2, 4, dtype=torch.float64)
+    scale_aux = torch.linspace(3, -2, 3, dtype=torch.float64)
+    ((topk.values * scale_top).sum() + (aux.values * scale_aux).sum()).backward()
+    ((ref_top * scale_top).sum() + (ref_aux * scale_aux).sum()).backward()
+    torch.testing.assert_close(b1.grad, b2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+    if inputs_grad:
+        torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_sparse_transpose_product_matches_dense():
+    generator = torch.Generator().manual_seed(5)
+    grad_out = torch.randn(13, 6, generator=generator, dtype=torch.float64)
+    values = torch.randn(13, 4, generator=generator, dtype=torch.float64)
+    indices = torch.stack([torch.randperm(20, generator=generator)[:4] for _ in range(13)])
+    dense = torch.zeros(13, 20, dtype=torch.float64).scatter(1, indices, values)
+    torch.testing.assert_close(
+        sparse_transpose_product(grad_out, values, indices, 20), dense.T @ grad_out
+    )
+
+
+def test_decode_reuses_the_latent_major_copy_only_for_the_same_weight_version():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 256, requires_grad=True)
+    values = torch.rand(5, 8, requires_grad=True)
+    indices = torch.stack([torch.randperm(256)[:8] for _ in range(5)])
+    first = decode(TopK(values, indices), weight, "embedding_bag")
+    second = decode(TopK(values * 2, indices), weight, "embedding_bag")
+    torch.testing.assert_close(second, 2 * first)
+    (first.sum() + second.sum()).backward()
+    dense = torch.zeros(5, 256).scatter(1, indices, values.detach())
+    torch.testing.assert_close(weight.grad, (3 * dense).sum(0).expand(16, 256))
+    with torch.no_grad():
+        weight.mul_(2.0)  # a new version: the cache must miss
+    third = decode(TopK(values, indices), weight, "embedding_bag")
+    torch.testing.assert_close(third, 2 * first)
