@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from mlsae.analysis.source import MLSAESource, load_source
-from mlsae.model.data import get_test_dataloader, get_train_dataloader
-from mlsae.trainer.config import DataConfig
+from mlsae.model.data import get_train_dataloader
+from mlsae.trainer.config import DataConfig, held_out_stream, require_local_data
 from mlsae.utils import get_device, get_repo_id, local_model_name
 
 DEFAULT_MODEL_NAME = "EleutherAI/pythia-70m-deduped"
@@ -102,28 +102,9 @@ def cache_path(repo_id: str, suffix: str, extension: str, output_dir: str = "out
     return Path(output_dir) / f"{derived_name(repo_id, suffix).replace('/', '-')}.{extension}"
 
 
-def require_local_data(path: str) -> None:
-    """Fail early, with a hint, when the default local test file is missing."""
-    if path == "data/test.jsonl.zst" and not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} does not exist. Save the Pile test split there (see test.py), or pass "
-            "--path with a hub dataset id or local .jsonl[.zst]/.parquet/.txt files."
-        )
-
-
 def held_out_batches(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> DataLoader:
     """The test stream of `config` (from its first block), `max_steps` batches."""
-    require_local_data(config.path)
-    return get_test_dataloader(
-        tokenizer,
-        config.max_length,
-        config.batch_size,
-        path=config.path,
-        max_tokens=config.max_tokens,
-        split=config.split,
-        text_column=config.text_column,
-        num_workers=config.num_workers,
-    )
+    return held_out_stream(config, tokenizer)
 
 
 def training_batches(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> DataLoader:

@@ -14,7 +14,7 @@ import torch
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from .schemas import Latent, Layer, Logit, Prompt
+from .schemas import Example, Latent, Layer, Logit, Prompt
 from .service import ExplorerService
 
 NUM_LOGITS = 16
@@ -69,17 +69,6 @@ class LatentActivations(BaseModel):
 class LayerHistograms(BaseModel):
     values: list[list[int]]
     edges: list[float]
-
-
-class Example(BaseModel):
-    latent: int
-    layer: int
-    token_id: int
-    token: str
-    act: float
-    token_ids: list[int]
-    tokens: list[str]
-    acts: list[float]
 
 
 def _json(content: object) -> Response:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from itertools import product
+from typing import Any
 
 import simple_parsing
 import torch
@@ -113,6 +114,40 @@ class DataConfig:
     @property
     def val_blocks(self) -> int:
         return max(1, self.val_tokens // self.max_length)
+
+
+MISSING_TEST_DATA = (
+    "{path} does not exist. It is the default: the cached test split of the Pile. "
+    "Create it with, for example:\n"
+    '  python -c "from datasets import load_dataset; '
+    "load_dataset('monology/pile-uncopyrighted', data_files='test.jsonl.zst', split='train')"
+    ".to_json('data/test.jsonl')\" && zstd data/test.jsonl\n"
+    "or pass --path with a hub dataset id or local .jsonl[.zst]/.parquet/.txt files "
+    "(e.g. quickstart/data --split test)."
+)
+
+
+def require_local_data(path: str) -> None:
+    """Fail early, saying how to create it, when the default test file is missing."""
+    if path == "data/test.jsonl.zst" and not os.path.exists(path):
+        raise FileNotFoundError(MISSING_TEST_DATA.format(path=path))
+
+
+def held_out_stream(config: DataConfig, tokenizer: Any) -> Any:
+    """The held-out stream of `config` from its first block: `max_steps` batches."""
+    from mlsae.model.data import get_test_dataloader
+
+    require_local_data(config.path)
+    return get_test_dataloader(
+        tokenizer,
+        config.max_length,
+        config.batch_size,
+        path=config.path,
+        max_tokens=config.max_tokens,
+        split=config.split,
+        text_column=config.text_column,
+        num_workers=config.num_workers,
+    )
 
 
 def default_precision() -> str:

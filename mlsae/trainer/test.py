@@ -7,20 +7,19 @@ from pathlib import Path
 
 from lightning.pytorch import Trainer
 
-from mlsae.model.data import get_test_dataloader, load_tokenizer
+from mlsae.model.data import load_tokenizer
 from mlsae.model.lightning import MLSAETransformer
-from mlsae.trainer.config import TestConfig, check_precision, default_precision, initialize, parse
+from mlsae.trainer.config import (
+    TestConfig,
+    check_precision,
+    default_precision,
+    held_out_stream,
+    initialize,
+    parse,
+    require_local_data,
+)
 from mlsae.trainer.train import print_summary
 from mlsae.utils import local_model_name
-
-MISSING_TEST_DATA = (
-    "{path} does not exist. test.py evaluates on the cached Pile test split by default; "
-    "create it with, for example:\n"
-    '  python -c "from datasets import load_dataset; '
-    "load_dataset('monology/pile-uncopyrighted', data_files='test.jsonl.zst', split='train')"
-    ".to_json('data/test.jsonl')\" && zstd data/test.jsonl\n"
-    "or pass --path with local .jsonl[.zst] files (e.g. quickstart/data/test.jsonl.zst)."
-)
 
 # The original's column order (see tests/data/goldens/test_output.csv); others follow.
 _GROUP_ORDER = (
@@ -58,22 +57,12 @@ def csv_name(repo_id: str) -> str:
 def test_one(config: TestConfig, repo_id: str) -> Path:
     """Evaluate one pretrained model and write its CSV; returns the CSV's path."""
     data = config.data
-    if not os.path.exists(data.path) and data.path == "data/test.jsonl.zst":
-        raise FileNotFoundError(MISSING_TEST_DATA.format(path=data.path))
+    require_local_data(data.path)
     model = MLSAETransformer.from_pretrained(
         repo_id, count_special_tokens=config.count_special_tokens
     )
     model.requires_grad_(False)
-    loader = get_test_dataloader(
-        load_tokenizer(model.transformer.tokenizer),
-        data.max_length,
-        data.batch_size,
-        path=data.path,
-        max_tokens=data.max_tokens,
-        split=data.split,
-        text_column=data.text_column,
-        num_workers=data.num_workers,
-    )
+    loader = held_out_stream(data, load_tokenizer(model.transformer.tokenizer))
     trainer = Trainer(
         accelerator=config.accelerator,
         devices=1,

@@ -99,11 +99,11 @@ def test_golden_stream():
 def test_golden_stream_with_max_tokens_and_train_loader():
     tokenizer = str(GOLDENS / "tiny-gpt-neox-2")
     path = str(GOLDENS / "corpus.jsonl.zst")
-    test_batches = stream(get_test_dataloader(tokenizer, 32, 2, path=path, max_tokens=256))
+    held_out_stream = stream(get_test_dataloader(tokenizer, 32, 2, path=path, max_tokens=256))
     train_batches = stream(get_train_dataloader(path, tokenizer, 32, 2, max_tokens=256))
     expected = load_file(GOLDENS / "golden-ae.safetensors")["train.input_ids"][:4]
     assert max_steps(256, 2, 32) == 4
-    assert test_batches == train_batches == expected.reshape(8, 32).tolist()
+    assert held_out_stream == train_batches == expected.reshape(8, 32).tolist()
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst", ".parquet", ".txt"])
@@ -213,8 +213,8 @@ def test_max_tokens(tmp_path, tokenizer):
     assert stream(resumed) == full[8:12]
     with_val = get_train_dataloader(path, tokenizer, 8, 2, max_tokens=100, val_blocks=5)
     assert stream(with_val) == full[5:17]
-    test_batches = stream(get_test_dataloader(tokenizer, 8, 2, path=path, max_tokens=100))
-    assert test_batches == full[:12]
+    held_out_stream = stream(get_test_dataloader(tokenizer, 8, 2, path=path, max_tokens=100))
+    assert held_out_stream == full[:12]
 
 
 def test_directories_globs_and_symlinks(tmp_path, tokenizer):
