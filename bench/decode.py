@@ -77,7 +77,8 @@ def main() -> None:
     rows = []
     for n_inputs, n_latents, n_vectors, k in shapes:
         weight = torch.randn(n_inputs, n_latents, generator=generator)
-        weight = (weight / weight.norm(dim=0)).to(device, dtype).requires_grad_()
+        weight = (weight / weight.norm(dim=0)).t().contiguous().t()  # latent-major, as MLSAE's
+        weight = weight.to(device, dtype).requires_grad_()
         scores = torch.rand(n_vectors, n_latents, generator=generator)
         indices = scores.topk(k, dim=-1).indices.to(device)
         del scores

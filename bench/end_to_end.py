@@ -21,6 +21,7 @@ loop. Phases, timed with `time.perf_counter` (PyTorch on the CPU runs synchronou
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,6 +29,8 @@ import types
 from collections import defaultdict
 from pathlib import Path
 
+# Huge-page tensors, as `import mlsae` before torch gives train.py (see mlsae/__init__.py).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -45,8 +48,8 @@ from mlsae.metrics import (  # noqa: E402
     LayerwiseWrapper,
 )
 from mlsae.model.autoencoder import MLSAE, maintain_decoder  # noqa: E402
-from mlsae.model.lightning import make_adam  # noqa: E402
 from mlsae.model.losses import auxk_loss, layerwise_fvu  # noqa: E402
+from mlsae.model.optim import make_adam  # noqa: E402
 from mlsae.model.transformer import Transformer  # noqa: E402
 
 PYTHIA_70M = dict(

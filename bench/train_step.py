@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+# Huge-page tensors, as `import mlsae` before torch gives train.py (see mlsae/__init__.py).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -43,8 +45,8 @@ from bench.common import (  # noqa: E402
 from bench.reference import ReferenceSAE, reference_step  # noqa: E402
 from mlsae.model.autoencoder import MLSAE, maintain_decoder  # noqa: E402
 from mlsae.model.decoder import decode  # noqa: E402
-from mlsae.model.lightning import make_adam  # noqa: E402
 from mlsae.model.losses import auxk_loss, layerwise_fvu  # noqa: E402
+from mlsae.model.optim import make_adam  # noqa: E402
 from mlsae.model.types import TopK  # noqa: E402
 
 SHAPES = [
@@ -192,7 +194,7 @@ def make_decode(encoder, decoder, flat, dead, k, auxk):
         aux_values, positions = pre[:, dead_indices].topk(min(auxk, n_dead), dim=-1)
         selections.append((aux_values.relu(), dead_indices[positions]))
     del pre
-    weight = decoder.clone().requires_grad_()
+    weight = decoder.t().contiguous().t().requires_grad_()  # latent-major, as MLSAE stores it
     leaves = [v.clone().requires_grad_() for v, _ in selections]
     grad = torch.randn(n_vectors, decoder.shape[0])
 

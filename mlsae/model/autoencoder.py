@@ -108,9 +108,40 @@ def maintain_decoder(decoder: nn.Linear) -> None:
     weight, grad = decoder.weight, decoder.weight.grad
     if grad is None:
         raise ValueError("the decoder has no gradient: call this after backward")
-    weight.div_(torch.linalg.vecdot(weight, weight, dim=0).sqrt_())
-    parallel = torch.linalg.vecdot(grad, weight, dim=0)
-    grad.addcmul_(weight, parallel, value=-1)
+    weight.div_(torch.linalg.vector_norm(weight, dim=0))
+    grad.addcmul_(weight, columnwise_dot(grad, weight), value=-1)
+
+
+COLUMN_BLOCK = 4096
+"""`columnwise_dot` works through this many columns at a time."""
+
+
+def columnwise_dot(
+    a: Float[Tensor, "rows columns"], b: Float[Tensor, "rows columns"]
+) -> Float[Tensor, " columns"]:
+    """`(a * b).sum(dim=0)`, a block of columns at a time: the elementwise product of a
+    whole decoder would be a fresh `[n_inputs, n_latents]` tensor, and on the CPU the page
+    faults of such a fresh tensor cost more than the arithmetic."""
+    out = a.new_empty(a.shape[1])
+    for start in range(0, a.shape[1], COLUMN_BLOCK):
+        block = slice(start, start + COLUMN_BLOCK)
+        torch.linalg.vecdot(a[:, block], b[:, block], dim=0, out=out[block])
+    return out
+
+
+def latent_major_linear(n_latents: int, n_inputs: int) -> nn.Linear:
+    """`nn.Linear(n_latents, n_inputs, bias=False)` whose `[n_inputs, n_latents]` weight is
+    stored latent-major: the transpose of a contiguous `[n_latents, n_inputs]` tensor, so
+    that each latent's decoder column is a contiguous row.
+
+    The sparse decode gathers those rows and its backward produces gradients in that
+    layout, so neither needs a transposed copy, and the per-latent norms of decoder
+    maintenance read contiguous memory. Shape, values, state dict and checkpoints are those
+    of a plain `nn.Linear`; loading copies into the parameter, keeping its layout.
+    """
+    decoder = nn.Linear(n_latents, n_inputs, bias=False)
+    decoder.weight = nn.Parameter(decoder.weight.detach().t().contiguous().t())
+    return decoder
 
 
 def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
@@ -194,7 +225,7 @@ class MLSAE(
         self.dead_tokens_threshold = dead_tokens_threshold
 
         self.encoder = nn.Linear(n_inputs, n_latents, bias=False)
-        self.decoder = nn.Linear(n_latents, n_inputs, bias=False)
+        self.decoder = latent_major_linear(n_latents, n_inputs)
         self.pre_encoder_bias = nn.Parameter(torch.zeros(n_inputs))
         self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
         self._dead_indices: Tensor | None = None

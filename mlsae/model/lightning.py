@@ -38,6 +38,7 @@ from mlsae.model.hub import CheckpointError, StrictHubMixin, read_config
 from mlsae.model.lens import TunedLens, load_tuned_lens
 from mlsae.model.losses import auxk_loss, layerwise_fvu
 from mlsae.model.non_finite import NonFiniteTracker
+from mlsae.model.optim import make_adam
 from mlsae.model.transformer import Transformer
 
 logger = logging.getLogger(__name__)
@@ -542,19 +543,6 @@ def _validation_name(name: str) -> str:
     if name.startswith("loss/"):
         return "val/" + name
     return name
-
-
-def make_adam(parameters: Any, lr: float, eps: float) -> torch.optim.Adam:
-    """Adam, fused where torch supports it (CPU and CUDA): one pass over the parameters,
-    and a step that the device itself skips when `found_inf` is set."""
-    parameters = list(parameters)
-    try:
-        optimizer = torch.optim.Adam(parameters, lr=lr, eps=eps, fused=True)
-        optimizer._mlsae_fused = True
-    except (RuntimeError, ValueError):
-        optimizer = torch.optim.Adam(parameters, lr=lr, eps=eps)
-        optimizer._mlsae_fused = False
-    return optimizer
 
 
 def _configured_model_name(model_id: Any) -> str | None:

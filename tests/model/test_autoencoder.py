@@ -185,6 +185,24 @@ def test_save_pretrained_round_trip(tmp_path):
         torch.testing.assert_close(model(x).recons, loaded(x).recons)
 
 
+def _latent_major(model: MLSAE) -> bool:
+    weight = model.decoder.weight
+    return weight.shape == (model.n_inputs, model.n_latents) and weight.t().is_contiguous()
+
+
+def test_decoder_is_stored_latent_major_through_conversion_saving_and_loading(tmp_path):
+    model = MLSAE(16, 64, 4, auxk=8)
+    assert _latent_major(model)
+    assert _latent_major(model.double()) and model.decoder.weight.dtype == torch.float64
+    model.float().save_pretrained(tmp_path / "saved")
+    loaded = MLSAE.from_pretrained(tmp_path / "saved")
+    assert _latent_major(loaded)
+    assert torch.equal(loaded.decoder.weight, model.decoder.weight)
+    other = MLSAE(16, 64, 4, auxk=8)
+    other.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
+    assert _latent_major(other) and torch.equal(other.decoder.weight, model.decoder.weight)
+
+
 def test_standardisation_round_trip():
     x = torch.randn(4, 7, 32) * 5 + 2
     x_std, stats = standardize(x)

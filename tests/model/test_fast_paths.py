@@ -1,12 +1,16 @@
 """The training step's fast paths against their plain references: `fast_topk` against
 `torch.topk`, `maintain_decoder` against the two maintenance functions, the encoder's
-bias gradient and `sparse_transpose_product` against dense autograd, and the decode's
-cached latent-major copy against fresh decodes."""
+bias gradient and `sparse_transpose_product` against dense autograd, the column-sliced
+`bag_sum` against one `embedding_bag`, and the decode's cached latent-major copy against
+fresh decodes."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from mlsae.model import autoencoder, decoder
 from mlsae.model.autoencoder import (
+    latent_major_linear,
     maintain_decoder,
     unit_norm_decoder,
     unit_norm_decoder_gradient,
@@ -131,3 +135,98 @@ def test_decode_reuses_the_latent_major_copy_only_for_the_same_weight_version():
         weight.mul_(2.0)  # a new version: the cache must miss
     third = decode(TopK(values, indices), weight, "embedding_bag")
     torch.testing.assert_close(third, 2 * first)
+
+
+def test_maintain_decoder_in_column_blocks_and_latent_major(monkeypatch):
+    monkeypatch.setattr(autoencoder, "COLUMN_BLOCK", 7)
+    torch.manual_seed(1)
+    fused = latent_major_linear(50, 12)
+    fused.weight.data.mul_(2.5)
+    fused.weight.grad = torch.randn(50, 12).t()
+    plain = torch.nn.Linear(50, 12, bias=False)
+    plain.weight.data.copy_(fused.weight.data)
+    plain.weight.grad = fused.weight.grad.contiguous()
+    maintain_decoder(fused)
+    unit_norm_decoder(plain)
+    unit_norm_decoder_gradient(plain)
+    assert fused.weight.t().is_contiguous() and fused.weight.grad.t().is_contiguous()
+    torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "n_entries", "expected"),
+    [
+        (4096, 4096 * 3, 512),  # rows barely reused: one gather over all columns
+        (4096, 4096 * 64, 64),  # 4096 rows x 64 fp32 columns = the 1 MiB budget
+        (1024, 1024 * 64, 256),
+        (16, 16 * 64, 512),  # the whole table fits
+        (100_000, 100_000 * 8, 64),  # never narrower than MIN_COLUMN_CHUNK
+    ],
+)
+def test_column_chunk_widths(n_rows, n_entries, expected):
+    assert decoder.column_chunk(512, n_rows, n_entries) == expected
+
+
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_bag_sum_in_column_slices_is_identical_to_embedding_bag(monkeypatch, with_offsets):
+    monkeypatch.setattr(decoder, "CACHE_BUDGET_BYTES", 30 * 16 * 4)
+    monkeypatch.setattr(decoder, "MIN_COLUMN_CHUNK", 16)
+    generator = torch.Generator().manual_seed(2)
+    wide = torch.randn(30, 100, generator=generator)
+    table = wide[:, 10:90]  # unit column stride, row stride 100: a slice
+    indices = torch.randint(0, 30, (40, 9), generator=generator)
+    weights = torch.randn(40, 9, generator=generator)
+    assert decoder.column_chunk(80, 30, indices.numel()) == 16
+    if with_offsets:
+        indices, weights = indices.reshape(-1), weights.reshape(-1)
+        offsets = torch.tensor([0, 0, 5, 100, 101, 360])  # empty bags included
+    else:
+        offsets = None
+    expected = F.embedding_bag(
+        indices, table.contiguous(), offsets, per_sample_weights=weights, mode="sum"
+    )
+    assert torch.equal(decoder.bag_sum(table, indices, weights, offsets), expected)
+
+
+def test_latent_order_segment_sums_and_row_dots_match_dense():
+    generator = torch.Generator().manual_seed(4)
+    indices = torch.stack([torch.randperm(70, generator=generator)[:6] for _ in range(25)])
+    values = torch.randn(25, 6, generator=generator, dtype=torch.float64)
+    rows = torch.randn(25, 11, generator=generator, dtype=torch.float64)
+    table = torch.randn(70, 11, generator=generator, dtype=torch.float64)
+    order = decoder.LatentOrder(indices, 70)
+    assert torch.equal(indices.reshape(-1)[order.order].diff() >= 0, torch.ones(149, dtype=bool))
+    dense = torch.zeros(25, 70, dtype=torch.float64).scatter(1, indices, values)
+    torch.testing.assert_close(order.segment_sums(rows, values), dense.T @ rows)
+    torch.testing.assert_close(
+        order.row_dots(rows, table), (table[indices] * rows[:, None]).sum(-1)
+    )
+
+
+@pytest.mark.parametrize("n_latents", [200, 40_000])
+def test_latent_order_sorts_on_narrow_keys_stably(n_latents):
+    generator = torch.Generator().manual_seed(n_latents)
+    indices = torch.randint(0, n_latents, (300, 4), generator=generator)
+    indices[:, 0] = n_latents - 1  # the largest latent must survive the narrowing
+    order = decoder.LatentOrder(indices, n_latents).order
+    assert torch.equal(order, torch.sort(indices.reshape(-1), stable=True).indices)
+
+
+@pytest.mark.parametrize("layout", ["latent_major", "column_major"])
+def test_decode_gradients_keep_the_weight_layout(layout):
+    torch.manual_seed(3)
+    weight = torch.randn(300, 24)  # [n_latents, n_inputs]
+    weight = weight.t() if layout == "latent_major" else weight.t().contiguous()
+    weight.requires_grad_()
+    values = torch.rand(9, 5, requires_grad=True)
+    indices = torch.stack([torch.randperm(300)[:5] for _ in range(9)])
+    grad_out = torch.randn(9, 24)
+    decode(TopK(values, indices), weight, "embedding_bag").backward(grad_out)
+    dense = torch.zeros(9, 300).scatter(1, indices, values.detach())
+    torch.testing.assert_close(weight.grad, grad_out.T @ dense)
+    torch.testing.assert_close(
+        values.grad, (weight.detach().T[indices] * grad_out[:, None]).sum(-1)
+    )
+    if layout == "latent_major":
+        assert weight.grad.stride() == weight.stride()
