@@ -9,9 +9,9 @@ backward, fused decoder maintenance, fused Adam, dead-latent update) without Lig
 loop. Phases, timed with `time.perf_counter` (PyTorch on the CPU runs synchronously):
 
 - data: drawing the token batch; lm: the transformer's residual stream (no grad);
-- encode: standardisation and `topk_encode`'s forward without its top-k; topk: the top-k
-  calls inside it (`fast_topk`, timed by a wrapper);
-- decode+loss: the decodes and the losses; backward; maintenance: `maintain_decoder`;
+- forward: `MLSAE.forward_standardized` (standardisation, the encoder matmul, the decodes)
+  without its top-k; topk: the top-k calls inside it (`fast_topk`, timed by a wrapper);
+- loss: the FVU and AuxK losses; backward; maintenance: `maintain_decoder`;
 - optimizer: Adam; metrics: firing counts, the training metrics and the dead-latent update.
 
 "overhead" is data + metrics: the time beyond the LM forward and the SAE step.
@@ -149,20 +149,17 @@ def main() -> None:
         inputs = raw.masked_fill(special[None, :, :, None], 0.0)
         timer.lap("lm")
         topk_time[0] = 0.0
-        inputs_std, stats = autoencoder._standardize(inputs)
-        topk, auxk = autoencoder._encode_standardized(inputs_std)
-        timer.lap("encode")
-        timer.totals["encode"] -= topk_time[0]
+        result = autoencoder.forward_standardized(inputs)
+        timer.lap("forward")
+        timer.totals["forward"] -= topk_time[0]
         timer.totals["topk"] += topk_time[0]
-        topk = topk._replace(values=torch.relu(topk.values))
-        recons_std = autoencoder._decode_latents(topk) + autoencoder.pre_encoder_bias
-        recons = recons_std * stats.std + stats.mean
+        output = result.output
+        topk, recons = output.topk, output.recons
         loss = layerwise_fvu(inputs, recons, mask).mean()
-        if auxk.values.shape[-1] > 0:
-            auxk = auxk._replace(values=torch.relu(auxk.values))
-            auxk_recons = autoencoder._decode_latents(auxk)
-            loss = loss + auxk_loss(inputs_std - recons_std, auxk_recons, mask) / 32
-        timer.lap("decode+loss")
+        if output.auxk.values.shape[-1] > 0:
+            error = result.inputs - result.recons
+            loss = loss + auxk_loss(error, output.auxk_recons, mask) / 32
+        timer.lap("loss")
         fired = autoencoder.fired_counts(topk, mask)
         metrics(
             inputs=inputs,
@@ -201,9 +198,9 @@ def main() -> None:
     for name in (
         "data",
         "lm",
-        "encode",
+        "forward",
         "topk",
-        "decode+loss",
+        "loss",
         "backward",
         "maintenance",
         "optimizer",

@@ -7,14 +7,19 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from mlsae.model.decoder import decode
+from mlsae.model.decoder import choose_backend, decode
 from mlsae.model.encoder import topk_encode
+from mlsae.model.fused import fused_autoencode
 from mlsae.model.hub import StrictHubMixin
 from mlsae.model.types import Stats, TopK
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DEAD_TOKENS_THRESHOLD = 10_000_000
+
+FUSED_FORWARD = True
+"""Whether `MLSAE.forward` may run the fused sparse core (see `MLSAE._fuses`); the tests
+turn it off to compare against the unfused path."""
 
 
 class EncoderOutput(NamedTuple):
@@ -173,6 +178,10 @@ class MLSAE(
     checkpoints carry it in their config: the original counted forward passes with
     it, and here it has no effect. Likewise, a checkpoint's `last_nonzero` tensor
     (the original's per-forward counter) is accepted and dropped.
+
+    The decoder weight is stored latent-major (`latent_major_linear`); on the CPU the
+    forward runs the fused sparse core of `mlsae.model.fused`, elsewhere `topk_encode`
+    and `decode`. Both compute the same function and the same gradients.
     """
 
     _optional_keys = ("tokens_since_fired",)
@@ -337,16 +346,53 @@ class MLSAE(
         """`forward`, also returning the standardised inputs and reconstructions."""
         self._check_inputs(inputs)
         inputs_std, stats = self._standardize(inputs)
-        topk, auxk = self._encode_standardized(inputs_std)
-        topk = TopK(torch.relu(topk.values), topk.indices)
-        recons_std = self._decode_latents(topk) + self.pre_encoder_bias
+        if self._fuses(inputs_std):
+            topk, auxk, decoded, auxk_recons = self._autoencode_fused(inputs_std)
+        else:
+            topk, auxk = self._encode_standardized(inputs_std)
+            topk = TopK(torch.relu(topk.values), topk.indices)
+            decoded = self._decode_latents(topk)
+            auxk_recons = None
+            if auxk is not None:
+                auxk = TopK(torch.relu(auxk.values), auxk.indices)
+                auxk_recons = self._decode_latents(auxk)
+        recons_std = decoded + self.pre_encoder_bias
         recons = recons_std if stats is None else unstandardize(recons_std, stats)
-        auxk_recons = None
-        if auxk is not None:
-            auxk = TopK(torch.relu(auxk.values), auxk.indices)
-            auxk_recons = self._decode_latents(auxk)
         output = AutoencoderOutput(topk, recons, auxk, auxk_recons, self._dead_fraction())
         return StandardizedOutput(output, inputs_std, recons_std)
+
+    def _fuses(self, inputs_std: Tensor) -> bool:
+        """Whether `forward` runs the fused sparse core (`mlsae.model.fused`): where the
+        decode would use the "embedding_bag" backend (the CPU, k small next to n_latents)."""
+        return (
+            FUSED_FORWARD
+            and inputs_std.numel() > 0
+            and choose_backend(inputs_std.device, self.k, self.n_latents) == "embedding_bag"
+        )
+
+    def _autoencode_fused(
+        self, inputs_std: Tensor
+    ) -> tuple[TopK, TopK | None, Tensor, Tensor | None]:
+        leading = inputs_std.shape[:-1]
+        dead_indices = self.dead_latent_indices() if self.auxk is not None else None
+        fused = fused_autoencode(
+            inputs_std.reshape(-1, self.n_inputs),
+            self.pre_encoder_bias,
+            self.encoder.weight,
+            self.decoder.weight,
+            self.k,
+            self.auxk,
+            dead_indices,
+        )
+
+        def unflatten(t: Tensor) -> Tensor:
+            return t.reshape(*leading, t.shape[-1])
+
+        topk = TopK(*map(unflatten, fused.topk))
+        if self.auxk is None:
+            return topk, None, unflatten(fused.decoded), None
+        auxk = TopK(*map(unflatten, fused.auxk))
+        return topk, auxk, unflatten(fused.decoded), unflatten(fused.auxk_decoded)
 
     def forward(self, inputs: Float[Tensor, "... n_inputs"]) -> AutoencoderOutput:
         """Encode, ReLU the k largest, decode. See `AutoencoderOutput`."""

@@ -281,14 +281,25 @@ class LatentOrder:
         sorted_weights = weights.reshape(-1).index_select(0, self.order)
         return bag_sum(rows, self.vectors, sorted_weights, self.offsets)
 
+    def sorted_row_dots(
+        self,
+        rows: Float[Tensor, "n_rows d"],
+        table: Float[Tensor, "n_latents d"],
+        row_of_entry: Int[Tensor, " entries"],
+    ) -> Float[Tensor, " entries"]:
+        """For every entry in latent order: `dot(rows[row_of_entry], table[latent])`.
+
+        Consecutive entries share a latent, so its table row stays in the L1 cache. This is
+        `embedding_bag`'s per-sample-weight backward, with the entries' rows as bags."""
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            rows, table, self.latents, self.offsets, row_of_entry, 0
+        )
+
     def row_dots(
         self, rows: Float[Tensor, "vectors d"], table: Float[Tensor, "n_latents d"]
     ) -> Float[Tensor, "vectors k"]:
         """Entry (v, i): `dot(rows[v], table[indices[v, i]])`, computed in latent order."""
-        bag_starts = torch.arange(0, self.n_vectors * self.k, max(self.k, 1), device=rows.device)
-        dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            rows, table, self.latents, bag_starts, self.vectors, 0
-        )
+        dots = self.sorted_row_dots(rows, table, self.vectors)
         out = torch.empty_like(dots)
         out.index_copy_(0, self.order, dots)
         return out.view(self.n_vectors, self.k)

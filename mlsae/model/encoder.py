@@ -21,36 +21,51 @@ def _empty_selection(n_vectors: int, like: Tensor) -> tuple[Tensor, Tensor]:
     return values, indices
 
 
+def select_latents(
+    x: Float[Tensor, "vectors n_inputs"],
+    weight: Float[Tensor, "n_latents n_inputs"],
+    k: int,
+    auxk: int | None,
+    dead_indices: Int[Tensor, " n_dead"] | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The encoder's forward without autograd: the k largest pre-activations of `x @
+    weight.T` and AuxK's `min(auxk, n_dead)` largest among `dead_indices`, as `(values,
+    indices, auxk_values, auxk_indices)`; the dense pre-activations are freed on return."""
+    n_latents = weight.shape[0]
+    with_auxk = bool(auxk) and dead_indices is not None and dead_indices.numel() > 0
+    n_dead = dead_indices.numel() if with_auxk else 0
+    if 0 < n_dead < n_latents:
+        # Encode with the dead latents' rows last (a stable sort of the dead flags, so no
+        # host sync), so that their pre-activations are a contiguous slice of every row:
+        # AuxK's top-k then needs no gather of dead columns.
+        is_dead = torch.zeros(n_latents, dtype=torch.int8, device=weight.device)
+        is_dead[dead_indices] = 1
+        order = torch.argsort(is_dead, stable=True)
+        pre_activations = F.linear(x, weight.index_select(0, order))
+    else:
+        order = None
+        pre_activations = F.linear(x, weight)
+    values, indices = fast_topk(pre_activations, k)
+    if order is not None:
+        indices = order[indices]
+    if with_auxk:
+        dead_pre_activations = pre_activations[:, n_latents - n_dead :]
+        auxk_values, positions = fast_topk(dead_pre_activations, min(auxk, n_dead))
+        dead_order = dead_indices if order is None else order[n_latents - n_dead :]
+        auxk_indices = dead_order[positions]
+    else:
+        auxk_values, auxk_indices = _empty_selection(x.shape[0], values)
+    return values, indices, auxk_values, auxk_indices
+
+
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, bias, weight, k, auxk, dead_indices):
         x = inputs if bias is None else inputs - bias
         ctx.bias_dtype = None if bias is None else bias.dtype
-        n_latents = weight.shape[0]
-        with_auxk = bool(auxk) and dead_indices is not None and dead_indices.numel() > 0
-        n_dead = dead_indices.numel() if with_auxk else 0
-        if 0 < n_dead < n_latents:
-            # Encode with the dead latents' rows last (a stable sort of the dead flags, so no
-            # host sync), so that their pre-activations are a contiguous slice of every row:
-            # AuxK's top-k then needs no gather of dead columns.
-            is_dead = torch.zeros(n_latents, dtype=torch.int8, device=weight.device)
-            is_dead[dead_indices] = 1
-            order = torch.argsort(is_dead, stable=True)
-            pre_activations = F.linear(x, weight.index_select(0, order))
-        else:
-            order = None
-            pre_activations = F.linear(x, weight)
-        values, indices = fast_topk(pre_activations, k)
-        if order is not None:
-            indices = order[indices]
-        if with_auxk:
-            dead_pre_activations = pre_activations[:, n_latents - n_dead :]
-            auxk_values, positions = fast_topk(dead_pre_activations, min(auxk, n_dead))
-            dead_order = dead_indices if order is None else order[n_latents - n_dead :]
-            auxk_indices = dead_order[positions]
-        else:
-            auxk_values, auxk_indices = _empty_selection(inputs.shape[0], values)
-        del pre_activations
+        values, indices, auxk_values, auxk_indices = select_latents(
+            x, weight, k, auxk, dead_indices
+        )
         ctx.save_for_backward(x, weight, indices, auxk_indices)
         ctx.mark_non_differentiable(indices, auxk_indices)
         return values, indices, auxk_values, auxk_indices

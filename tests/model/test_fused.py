@@ -1,0 +1,145 @@
+"""`fused_autoencode` against dense autograd, and `MLSAE` with and without it."""
+
+import pytest
+import torch
+
+from mlsae.model import autoencoder
+from mlsae.model.autoencoder import MLSAE, latent_major_linear
+from mlsae.model.fused import fused_autoencode
+from mlsae.model.losses import auxk_loss, layerwise_fvu
+
+
+def _problem(seed: int, n_vectors=23, n_inputs=12, n_latents=96):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(n_vectors, n_inputs, generator=generator, dtype=torch.float64)
+    bias = torch.randn(n_inputs, generator=generator, dtype=torch.float64) * 0.1
+    encoder = torch.randn(n_latents, n_inputs, generator=generator, dtype=torch.float64)
+    decoder = torch.randn(n_latents, n_inputs, generator=generator, dtype=torch.float64).t()
+    return inputs, bias, encoder, decoder
+
+
+def _loss_weights(seed: int, *shapes):
+    generator = torch.Generator().manual_seed(seed + 100)
+    return [torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in shapes]
+
+
+@pytest.mark.parametrize("n_dead", [0, 5, 40])
+@pytest.mark.parametrize("inputs_grad", [False, True])
+def test_values_and_gradients_equal_dense_autograd(n_dead, inputs_grad):
+    inputs, bias, encoder, decoder = _problem(n_dead)
+    k, auxk = 6, 8
+    dead = torch.randperm(96, generator=torch.Generator().manual_seed(1))[:n_dead]
+    leaves = [t.clone().requires_grad_() for t in (inputs, bias, encoder, decoder)]
+    leaves[0].requires_grad_(inputs_grad)
+    out = fused_autoencode(*leaves, k, auxk, dead)
+    n_aux = min(auxk, n_dead)
+    assert out.topk.indices.shape == (23, k) and out.auxk.indices.shape == (23, n_aux)
+    w_dec, w_aux, w_val, w_auxval = _loss_weights(n_dead, (23, 12), (23, 12), (23, k), (23, n_aux))
+    loss = (
+        (out.decoded * w_dec).sum()
+        + (out.auxk_decoded * w_aux).sum()
+        + (out.topk.values * w_val).sum()
+        + (out.auxk.values * w_auxval).sum()
+    )
+    loss.backward()
+
+    ref = [t.clone().requires_grad_() for t in (inputs, bias, encoder, decoder)]
+    ref[0].requires_grad_(inputs_grad)
+    pre = (ref[0] - ref[1]) @ ref[2].T
+    values = pre.gather(1, out.topk.indices).relu()
+    auxk_values = pre.gather(1, out.auxk.indices).relu()
+    latents = torch.zeros_like(pre).scatter(1, out.topk.indices, values)
+    auxk_latents = torch.zeros_like(pre).scatter(1, out.auxk.indices, auxk_values)
+    decoded, auxk_decoded = latents @ ref[3].T, auxk_latents @ ref[3].T
+    ref_loss = (
+        (decoded * w_dec).sum()
+        + (auxk_decoded * w_aux).sum()
+        + (values * w_val).sum()
+        + (auxk_values * w_auxval).sum()
+    )
+    ref_loss.backward()
+
+    # The selections are the dense top-k's (float64: no ties).
+    expected_top = pre.detach().topk(k, dim=-1).indices.sort(-1).values
+    assert torch.equal(out.topk.indices.sort(-1).values, expected_top)
+    if n_dead:
+        masked = torch.full_like(pre, float("-inf"))
+        masked[:, dead] = pre.detach()[:, dead]
+        expected_aux = masked.topk(n_aux, dim=-1).indices.sort(-1).values
+        assert torch.equal(out.auxk.indices.sort(-1).values, expected_aux)
+    # The decode accumulates in fp32.
+    torch.testing.assert_close(out.decoded, decoded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.auxk_decoded, auxk_decoded, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(leaves, ref, strict=True):
+        if theirs.grad is None:
+            assert ours.grad is None
+        else:
+            torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-5)
+    assert leaves[3].grad.stride() == leaves[3].stride()  # the latent-major layout
+
+
+def _mlsae_loss(model: MLSAE, x: torch.Tensor) -> torch.Tensor:
+    result = model.forward_standardized(x)
+    output = result.output
+    loss = layerwise_fvu(x, output.recons).mean()
+    if output.auxk is not None:
+        loss = loss + auxk_loss(result.inputs - result.recons, output.auxk_recons) / 32
+    return loss + output.topk.values.sum() * 1e-3
+
+
+@pytest.mark.parametrize("auxk", [None, 16])
+def test_mlsae_forward_and_gradients_with_and_without_fusion(monkeypatch, auxk):
+    torch.manual_seed(0)
+    model = MLSAE(32, 256, 4, auxk=auxk, dead_tokens_threshold=1)
+    model.update_dead_latents(torch.arange(256) % 3, 1)  # a third of the latents fired
+    x = torch.randn(3, 2, 7, 32) * 2 + 1
+    assert model._fuses(x)
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(autoencoder, "FUSED_FORWARD", fused)
+        model.zero_grad(set_to_none=True)
+        output = model(x)
+        _mlsae_loss(model, x).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        results[fused] = (output, grads)
+    (fused_out, fused_grads), (plain_out, plain_grads) = results[True], results[False]
+    assert torch.equal(fused_out.topk.indices, plain_out.topk.indices)
+    assert torch.equal(fused_out.topk.values, plain_out.topk.values)
+    assert torch.equal(fused_out.recons, plain_out.recons)
+    if auxk is None:
+        assert fused_out.auxk is None and fused_out.auxk_recons is None
+    else:
+        assert torch.equal(fused_out.auxk.indices, plain_out.auxk.indices)
+        # Unfused, AuxK's 16 of 256 latents decode densely (k >= 1/16 of the latents).
+        torch.testing.assert_close(fused_out.auxk_recons, plain_out.auxk_recons)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fusion_is_used_only_where_the_decode_is_embedding_bag():
+    model = MLSAE(8, 64, 2, auxk=4)
+    assert model._fuses(torch.randn(3, 8))
+    assert not model._fuses(torch.randn(0, 8))  # empty batches take the plain path
+    assert not MLSAE(8, 64, 16, auxk=4)._fuses(torch.randn(3, 8))  # k >= 1/16: dense decode
+    assert MLSAE(8, 64, 2, auxk=4)(torch.randn(0, 8)).recons.shape == (0, 8)
+
+
+def test_bfloat16_autoencoder_runs_fused_with_fp32_accumulation():
+    torch.manual_seed(0)
+    model = MLSAE(16, 128, 4, auxk=8)
+    x = torch.randn(2, 1, 5, 16)
+    reference = model(x)
+    low = MLSAE(16, 128, 4, auxk=8).to(torch.bfloat16)
+    low.load_state_dict(model.state_dict())
+    assert low.decoder.weight.t().is_contiguous()
+    output = low(x.bfloat16())
+    assert output.recons.dtype == torch.bfloat16
+    torch.testing.assert_close(output.recons.float(), reference.recons, rtol=0.05, atol=0.05)
+    _mlsae_loss(low, x.bfloat16()).backward()
+    assert all(p.grad.dtype == torch.bfloat16 for p in low.parameters())
+
+
+def test_latent_major_linear_is_a_plain_linear_map():
+    linear = latent_major_linear(10, 4)
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(linear(x), x @ linear.weight.T)
