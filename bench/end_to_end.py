@@ -21,7 +21,6 @@ loop. Phases, timed with `time.perf_counter` (PyTorch on the CPU runs synchronou
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -29,8 +28,6 @@ import types
 from collections import defaultdict
 from pathlib import Path
 
-# Huge-page tensors, as `import mlsae` before torch gives train.py (see mlsae/__init__.py).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402

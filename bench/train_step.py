@@ -2,7 +2,8 @@
 
 Shapes of the Pythia-70m MLSAEs (d_model 512, k 32, AuxK 256): 8,192 latents with 3,072
 vectors (6 layers x 2 x 256) and 32,768 latents with 1,536 vectors, each with no dead
-latents and with half of them dead (so AuxK's top-k and decode run). Implementations:
+latents, with 1% of them dead (a steady state: AuxK's top-k over few columns, its decode
+at full size) and with half of them dead. Implementations:
 
 - "mlsae": `MLSAE.forward_standardized`, the layerwise FVU and AuxK losses, backward, the
   decoder maintenance of `MLSAETransformer.on_before_optimizer_step`, `make_adam`.
@@ -28,8 +29,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
-# Huge-page tensors, as `import mlsae` before torch gives train.py (see mlsae/__init__.py).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -54,7 +53,7 @@ SHAPES = [
     (512, 8192, (6, 2, 256), 32, 256),
     (512, 32768, (6, 1, 256), 32, 256),
 ]
-DEAD_FRACTIONS = (0.0, 0.5)
+DEAD_FRACTIONS = (0.0, 0.01, 0.5)
 AUXK_COEF = 1 / 32
 LR, EPS = 1e-4, 6.25e-10
 

@@ -34,24 +34,32 @@ def select_latents(
     n_latents = weight.shape[0]
     with_auxk = bool(auxk) and dead_indices is not None and dead_indices.numel() > 0
     n_dead = dead_indices.numel() if with_auxk else 0
-    if 0 < n_dead < n_latents:
-        # Encode with the dead latents' rows last (a stable sort of the dead flags, so no
-        # host sync), so that their pre-activations are a contiguous slice of every row:
-        # AuxK's top-k then needs no gather of dead columns.
+    # AuxK's top-k runs over the dead latents' pre-activations. Where there are many, the
+    # encoder's rows are reordered dead-last (a stable sort of the dead flags, so no host
+    # sync) so that those pre-activations are a contiguous slice of every row; where
+    # gathering their columns moves less memory than copying the weight, they are gathered.
+    reorder = 0 < n_dead < n_latents and n_dead * x.shape[0] > weight.numel()
+    if reorder:
         is_dead = torch.zeros(n_latents, dtype=torch.int8, device=weight.device)
         is_dead[dead_indices] = 1
         order = torch.argsort(is_dead, stable=True)
         pre_activations = F.linear(x, weight.index_select(0, order))
+        dead_pre_activations = pre_activations[:, n_latents - n_dead :]
+        dead_order = order[n_latents - n_dead :]
     else:
         order = None
         pre_activations = F.linear(x, weight)
+        if n_dead == n_latents:  # every latent dead: the columns in latent order
+            dead_pre_activations = pre_activations
+            dead_order = torch.arange(n_latents, device=weight.device)
+        elif with_auxk:
+            dead_pre_activations = pre_activations.index_select(1, dead_indices)
+            dead_order = dead_indices
     values, indices = fast_topk(pre_activations, k)
     if order is not None:
         indices = order[indices]
     if with_auxk:
-        dead_pre_activations = pre_activations[:, n_latents - n_dead :]
         auxk_values, positions = fast_topk(dead_pre_activations, min(auxk, n_dead))
-        dead_order = dead_indices if order is None else order[n_latents - n_dead :]
         auxk_indices = dead_order[positions]
     else:
         auxk_values, auxk_indices = _empty_selection(x.shape[0], values)

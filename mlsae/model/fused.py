@@ -80,6 +80,7 @@ class _FusedAutoencode(torch.autograd.Function):
         ctx.save_for_backward(x, encoder_weight, table, values, indices, auxk_values, auxk_indices)
         ctx.dtypes = (inputs.dtype, bias.dtype, encoder_weight.dtype, decoder_weight.dtype)
         ctx.mark_non_differentiable(indices, auxk_indices)
+        ctx.set_materialize_grads(False)  # training never differentiates the values directly
         return values, indices, auxk_values, auxk_indices, decoded, auxk_decoded
 
     @staticmethod
@@ -91,19 +92,32 @@ class _FusedAutoencode(torch.autograd.Function):
         selected = torch.cat([indices, auxk_indices], dim=1)
         width = selected.shape[1]
         entries = LatentOrder(selected, n_latents)
-        slots = entries.order - entries.vectors * width
-        # Entry (v, i) was decoded into row v of `decoded` (i < k) or of `auxk_decoded`
-        # (i >= k): row v or n_vectors + v of the stacked gradients.
-        grad_rows = entries.vectors + n_vectors * (slots >= k)
-        grad_out = torch.cat([grad_decoded, grad_auxk_decoded]).float()
+        if grad_decoded is None:
+            grad_decoded = torch.zeros_like(x)
+        if auxk_indices.shape[1] > 0:
+            # Entry (v, i) was decoded into row v of `decoded` (i < k) or of `auxk_decoded`
+            # (i >= k): row v or n_vectors + v of the stacked gradients.
+            slots = entries.order - entries.vectors * width
+            grad_rows = entries.vectors + n_vectors * (slots >= k)
+            if grad_auxk_decoded is None:
+                grad_auxk_decoded = torch.zeros_like(grad_decoded)
+            grad_out = torch.cat([grad_decoded, grad_auxk_decoded]).float()
+        else:
+            grad_rows, grad_out = entries.vectors, grad_decoded.float()
         sorted_values = torch.cat([values, auxk_values], dim=1).reshape(-1)
         sorted_values = sorted_values.index_select(0, entries.order).float()
 
         # d loss / d value of each entry, in latent order: through the decode, plus any
         # gradient that reached the returned values directly; zero where ReLU clipped.
         grad_entries = entries.sorted_row_dots(grad_out, table, grad_rows)
-        direct = torch.cat([grad_values, grad_auxk_values], dim=1).reshape(-1).float()
-        grad_entries = (grad_entries + direct.index_select(0, entries.order)) * (sorted_values > 0)
+        if grad_values is not None or grad_auxk_values is not None:
+            direct = [
+                torch.zeros_like(v) if g is None else g
+                for g, v in ((grad_values, values), (grad_auxk_values, auxk_values))
+            ]
+            direct = torch.cat(direct, dim=1).reshape(-1).float()
+            grad_entries += direct.index_select(0, entries.order)
+        grad_entries *= sorted_values > 0
 
         grad_inputs = grad_bias = grad_encoder = grad_decoder = None
         if ctx.needs_input_grad[3]:

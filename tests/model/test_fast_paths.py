@@ -16,7 +16,7 @@ from mlsae.model.autoencoder import (
     unit_norm_decoder_gradient,
 )
 from mlsae.model.decoder import decode, sparse_transpose_product
-from mlsae.model.encoder import fast_topk, topk_encode
+from mlsae.model.encoder import fast_topk, select_latents, topk_encode
 from mlsae.model.types import TopK
 
 
@@ -230,3 +230,26 @@ def test_decode_gradients_keep_the_weight_layout(layout):
     )
     if layout == "latent_major":
         assert weight.grad.stride() == weight.stride()
+
+
+@pytest.mark.parametrize(
+    ("n_vectors", "n_dead"),
+    [
+        (5, 7),  # few dead latents: their pre-activation columns are gathered
+        (60, 50),  # many: the encoder's rows are reordered dead-last
+        (9, 64),  # all of them
+    ],
+)
+def test_select_latents_auxk_over_gathered_or_reordered_dead_columns(n_vectors, n_dead):
+    generator = torch.Generator().manual_seed(n_vectors)
+    x = torch.randn(n_vectors, 10, generator=generator, dtype=torch.float64)
+    weight = torch.randn(64, 10, generator=generator, dtype=torch.float64)
+    dead = torch.randperm(64, generator=generator)[:n_dead].sort().values
+    values, indices, auxk_values, auxk_indices = select_latents(x, weight, 4, 6, dead)
+    pre = x @ weight.T
+    assert torch.equal(_sorted(indices), _sorted(pre.topk(4, dim=-1).indices))
+    assert torch.equal(pre.gather(1, indices), values)
+    masked = torch.full_like(pre, float("-inf"))
+    masked[:, dead] = pre[:, dead]
+    assert torch.equal(_sorted(auxk_indices), _sorted(masked.topk(6, dim=-1).indices))
+    assert torch.equal(pre.gather(1, auxk_indices), auxk_values)

@@ -143,3 +143,18 @@ def test_latent_major_linear_is_a_plain_linear_map():
     linear = latent_major_linear(10, 4)
     x = torch.randn(3, 10)
     torch.testing.assert_close(linear(x), x @ linear.weight.T)
+
+
+def test_gradients_when_only_the_reconstruction_is_used():
+    inputs, bias, encoder, decoder = _problem(7)
+    dead = torch.arange(0, 96, 3)
+    leaves = [t.clone().requires_grad_() for t in (bias, encoder, decoder)]
+    out = fused_autoencode(inputs, *leaves, 6, 8, dead)
+    out.decoded.pow(2).sum().backward()  # no gradient reaches the values or AuxK's decode
+
+    ref = [t.clone().requires_grad_() for t in (bias, encoder, decoder)]
+    pre = (inputs - ref[0]) @ ref[1].T
+    latents = torch.zeros_like(pre).scatter(1, out.topk.indices, pre.gather(1, out.topk.indices))
+    (latents.relu() @ ref[2].T).pow(2).sum().backward()
+    for ours, theirs in zip(leaves, ref, strict=True):  # the decode accumulates in fp32
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-4)
