@@ -205,19 +205,22 @@ MIN_COLUMN_CHUNK = 64
 """The narrowest slice `bag_sum` uses: narrower ones cost more in calls than they save."""
 
 
-def column_chunk(n_columns: int, n_rows: int, n_entries: int, itemsize: int = 4) -> int:
+def column_chunk(
+    n_columns: int, n_rows: int, n_entries: int, n_bags: int, itemsize: int = 4
+) -> int:
     """The width of the column slices `bag_sum` gathers `n_entries` rows of an `[n_rows,
-    n_columns]` table in.
+    n_columns]` table into `n_bags` sums in.
 
     A gather from a table larger than the cache fetches every row from memory; one slice of
     the columns at a time is small enough to stay in the cache, so a row used by several
     entries is fetched once per slice. Slicing pays only where rows are reused (at least 4
-    entries per row on average); the width is the largest power of two from
-    `MIN_COLUMN_CHUNK` whose slice fits `CACHE_BUDGET_BYTES`. Measured on two CPU cores
-    (fp32, 512 columns): 3,072 bags of 256 entries from 8,192 rows take 40 ms unsliced and
-    12 ms in slices of 64 columns; see `bench/decode.py`.
+    entries per row on average) and the gathers outweigh writing the output (at least 4
+    entries per bag: each slice's output is a fresh tensor, copied into place). The width
+    is the largest power of two from `MIN_COLUMN_CHUNK` whose slice fits
+    `CACHE_BUDGET_BYTES`. Measured on two CPU cores (fp32, 512 columns): 3,072 bags of 256
+    entries from 8,192 rows take 40 ms unsliced and 12 ms in slices of 64 columns.
     """
-    if n_entries < 4 * n_rows:
+    if n_entries < 4 * n_rows or n_entries < 4 * n_bags:
         return n_columns
     chunk = MIN_COLUMN_CHUNK
     while chunk * 2 <= n_columns and n_rows * chunk * 2 * itemsize <= CACHE_BUDGET_BYTES:
@@ -239,12 +242,12 @@ def bag_sum(
     order as one `embedding_bag` over the whole table, so the result is identical to it.
     """
     n_rows, n_columns = table.shape
-    chunk = column_chunk(n_columns, n_rows, indices.numel(), table.element_size())
+    n_bags = indices.shape[0] if offsets is None else offsets.shape[0]
+    chunk = column_chunk(n_columns, n_rows, indices.numel(), n_bags, table.element_size())
     if chunk >= n_columns or table.device.type != "cpu":
         return F.embedding_bag(
             indices, table, offsets, per_sample_weights=per_sample_weights, mode="sum"
         )
-    n_bags = indices.shape[0] if offsets is None else offsets.shape[0]
     out = table.new_empty((n_bags, n_columns))
     for start in range(0, n_columns, chunk):
         columns = slice(start, start + chunk)

@@ -155,17 +155,18 @@ def test_maintain_decoder_in_column_blocks_and_latent_major(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("n_rows", "n_entries", "expected"),
+    ("n_rows", "n_entries", "n_bags", "expected"),
     [
-        (4096, 4096 * 3, 512),  # rows barely reused: one gather over all columns
-        (4096, 4096 * 64, 64),  # 4096 rows x 64 fp32 columns = the 1 MiB budget
-        (1024, 1024 * 64, 256),
-        (16, 16 * 64, 512),  # the whole table fits
-        (100_000, 100_000 * 8, 64),  # never narrower than MIN_COLUMN_CHUNK
+        (4096, 4096 * 3, 100, 512),  # rows barely reused: one gather over all columns
+        (4096, 4096 * 64, 100, 64),  # 4096 rows x 64 fp32 columns = the 1 MiB budget
+        (1024, 1024 * 64, 100, 256),
+        (16, 16 * 64, 100, 512),  # the whole table fits
+        (100_000, 100_000 * 8, 100, 64),  # never narrower than MIN_COLUMN_CHUNK
+        (1536, 1536 * 32, 32768, 512),  # mostly empty bags: writing the output dominates
     ],
 )
-def test_column_chunk_widths(n_rows, n_entries, expected):
-    assert decoder.column_chunk(512, n_rows, n_entries) == expected
+def test_column_chunk_widths(n_rows, n_entries, n_bags, expected):
+    assert decoder.column_chunk(512, n_rows, n_entries, n_bags) == expected
 
 
 @pytest.mark.parametrize("with_offsets", [False, True])
@@ -177,7 +178,7 @@ def test_bag_sum_in_column_slices_is_identical_to_embedding_bag(monkeypatch, wit
     table = wide[:, 10:90]  # unit column stride, row stride 100: a slice
     indices = torch.randint(0, 30, (40, 9), generator=generator)
     weights = torch.randn(40, 9, generator=generator)
-    assert decoder.column_chunk(80, 30, indices.numel()) == 16
+    assert decoder.column_chunk(80, 30, indices.numel(), 40) == 16
     if with_offsets:
         indices, weights = indices.reshape(-1), weights.reshape(-1)
         offsets = torch.tensor([0, 0, 5, 100, 101, 360])  # empty bags included
