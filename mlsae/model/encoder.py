@@ -58,8 +58,11 @@ def select_latents(
     values, indices = fast_topk(pre_activations, k)
     if order is not None:
         indices = order[indices]
-    if with_auxk:
-        auxk_values, positions = fast_topk(dead_pre_activations, min(auxk, n_dead))
+    if with_auxk and auxk >= n_dead:  # AuxK takes every dead latent: no top-k to run
+        auxk_values = dead_pre_activations.contiguous()
+        auxk_indices = dead_order.expand(x.shape[0], n_dead).contiguous()
+    elif with_auxk:
+        auxk_values, positions = fast_topk(dead_pre_activations, auxk)
         auxk_indices = dead_order[positions]
     else:
         auxk_values, auxk_indices = _empty_selection(x.shape[0], values)

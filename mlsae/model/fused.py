@@ -80,7 +80,7 @@ class _FusedAutoencode(torch.autograd.Function):
         ctx.save_for_backward(x, encoder_weight, table, values, indices, auxk_values, auxk_indices)
         ctx.dtypes = (inputs.dtype, bias.dtype, encoder_weight.dtype, decoder_weight.dtype)
         ctx.mark_non_differentiable(indices, auxk_indices)
-        ctx.set_materialize_grads(False)  # training never differentiates the values directly
+        ctx.set_materialize_grads(False)  # no zero tensors for outputs the loss leaves unused
         return values, indices, auxk_values, auxk_indices, decoded, auxk_decoded
 
     @staticmethod

@@ -6,10 +6,11 @@ Three kernels implement it and its two gradients without a dense `[vectors, n_la
 intermediate; `triton_decode` wraps them in an autograd function.
 
 The kernels read the decoder through a latent-major view `weight_t = weight.T` of shape
-`[n_latents, n_inputs]`. `nn.Linear` stores `weight` input-major, so `triton_decode` copies
-it to latent-major once per forward: each gathered latent is then a contiguous row, whose
-loads coalesce, where gathering a column of the input-major layout would touch one memory
-sector per element.
+`[n_latents, n_inputs]`: each gathered latent is a contiguous row, whose loads coalesce,
+where gathering a column of an input-major layout would touch one memory sector per
+element. `MLSAE` stores its decoder latent-major (`latent_major_linear`), so the view is
+free and the weight gradient comes back in the parameter's layout; a plain input-major
+`nn.Linear` weight is copied to latent-major once per forward.
 
 On CUDA the kernels are compiled; on a CPU they run under Triton's interpreter when the
 environment variable `TRITON_INTERPRET=1` is set before this module is imported (Triton

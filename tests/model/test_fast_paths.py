@@ -239,6 +239,7 @@ def test_decode_gradients_keep_the_weight_layout(layout):
         (5, 7),  # few dead latents: their pre-activation columns are gathered
         (60, 50),  # many: the encoder's rows are reordered dead-last
         (9, 64),  # all of them
+        (8, 4),  # fewer than AuxK's slots: AuxK takes every dead latent, no top-k
     ],
 )
 def test_select_latents_auxk_over_gathered_or_reordered_dead_columns(n_vectors, n_dead):
@@ -252,5 +253,7 @@ def test_select_latents_auxk_over_gathered_or_reordered_dead_columns(n_vectors, 
     assert torch.equal(pre.gather(1, indices), values)
     masked = torch.full_like(pre, float("-inf"))
     masked[:, dead] = pre[:, dead]
-    assert torch.equal(_sorted(auxk_indices), _sorted(masked.topk(6, dim=-1).indices))
+    n_aux = min(6, n_dead)
+    assert auxk_indices.shape == (n_vectors, n_aux)
+    assert torch.equal(_sorted(auxk_indices), _sorted(masked.topk(n_aux, dim=-1).indices))
     assert torch.equal(pre.gather(1, auxk_indices), auxk_values)
