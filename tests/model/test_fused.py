@@ -158,3 +158,25 @@ def test_gradients_when_only_the_reconstruction_is_used():
     (latents.relu() @ ref[2].T).pow(2).sum().backward()
     for ours, theirs in zip(leaves, ref, strict=True):  # the decode accumulates in fp32
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_under_cpu_autocast_fused_and_plain_paths_agree(monkeypatch):
+    torch.manual_seed(0)
+    model = MLSAE(32, 256, 4, auxk=8, dead_tokens_threshold=1)
+    model.update_dead_latents(torch.arange(256) % 2, 1)
+    x = torch.randn(2, 1, 9, 32)
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(autoencoder, "FUSED_FORWARD", fused)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(x)
+            loss = _mlsae_loss(model, x)
+        loss.backward()
+        results[fused] = (output, {n: p.grad.clone() for n, p in model.named_parameters()})
+    (fused_out, fused_grads), (plain_out, plain_grads) = results[True], results[False]
+    assert fused_out.recons.dtype == plain_out.recons.dtype
+    assert torch.equal(fused_out.topk.indices, plain_out.topk.indices)
+    torch.testing.assert_close(fused_out.recons, plain_out.recons)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=2e-2, atol=1e-3)
