@@ -69,6 +69,20 @@ def select_latents(
     return values, indices, auxk_values, auxk_indices
 
 
+def bias_gradient(
+    latents: Int[Tensor, " entries"],
+    grads: Float[Tensor, " entries"],
+    weight: Float[Tensor, "n_latents n_inputs"],
+) -> Float[Tensor, " n_inputs"]:
+    """The pre-encoder bias's gradient when the inputs need none: minus the sum over
+    vectors of `sum_i grads[v, i] * weight[selected[v, i]]`, computed as the gradients
+    summed per latent, then one vector-matrix product with the weight. The entries
+    (`latents[e]`, `grads[e]`) may come in any order."""
+    per_latent = grads.new_zeros(weight.shape[0])
+    per_latent.index_add_(0, latents, grads)
+    return -(per_latent @ weight)
+
+
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, bias, weight, k, auxk, dead_indices):
@@ -98,11 +112,7 @@ class _TopKEncode(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_bias = -grad_x.sum(0)
         elif ctx.needs_input_grad[1]:
-            # The bias gradient is minus the sum of the rows of grad_inputs: the selected
-            # gradients summed per latent, then one vector-matrix product with the weight.
-            per_latent = grads.new_zeros(weight.shape[0])
-            per_latent.index_add_(0, selected.reshape(-1), grads.reshape(-1))
-            grad_bias = -(per_latent @ weight.to(compute))
+            grad_bias = bias_gradient(selected.reshape(-1), grads.reshape(-1), weight.to(compute))
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.bias_dtype)
         if ctx.needs_input_grad[2]:

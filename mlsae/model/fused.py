@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mlsae.model.decoder import LatentOrder, _latent_major, bag_sum
-from mlsae.model.encoder import select_latents
+from mlsae.model.encoder import bias_gradient, select_latents
 from mlsae.model.types import TopK
 
 
@@ -141,8 +141,5 @@ class _FusedAutoencode(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_bias = (-grad_x.sum(0)).to(bias_dtype)
         elif ctx.needs_input_grad[1]:
-            # Minus the sum of grad_x's rows: per-latent sums, then one vector-matrix product.
-            per_latent = grad_entries.new_zeros(n_latents)
-            per_latent.index_add_(0, entries.latents, grad_entries)
-            grad_bias = (-(per_latent @ weight)).to(bias_dtype)
+            grad_bias = bias_gradient(entries.latents, grad_entries, weight).to(bias_dtype)
         return grad_inputs, grad_bias, grad_encoder, grad_decoder, None, None, None
