@@ -214,8 +214,9 @@ def test_latent_order_sorts_on_narrow_keys_stably(n_latents):
     assert torch.equal(order, torch.sort(indices.reshape(-1), stable=True).indices)
 
 
+@pytest.mark.parametrize("backend", ["embedding_bag", "triton"])
 @pytest.mark.parametrize("layout", ["latent_major", "column_major"])
-def test_decode_gradients_keep_the_weight_layout(layout):
+def test_decode_gradients_keep_the_weight_layout(layout, backend):
     torch.manual_seed(3)
     weight = torch.randn(300, 24)  # [n_latents, n_inputs]
     weight = weight.t() if layout == "latent_major" else weight.t().contiguous()
@@ -223,7 +224,7 @@ def test_decode_gradients_keep_the_weight_layout(layout):
     values = torch.rand(9, 5, requires_grad=True)
     indices = torch.stack([torch.randperm(300)[:5] for _ in range(9)])
     grad_out = torch.randn(9, 24)
-    decode(TopK(values, indices), weight, "embedding_bag").backward(grad_out)
+    decode(TopK(values, indices), weight, backend).backward(grad_out)
     dense = torch.zeros(9, 300).scatter(1, indices, values.detach())
     torch.testing.assert_close(weight.grad, grad_out.T @ dense)
     torch.testing.assert_close(
