@@ -26,7 +26,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mlsae.model.types import TopK
@@ -259,7 +259,8 @@ def bag_sum(
 
 class LatentOrder:
     """The entries of `[vectors, k]` latent indices sorted by latent, for the sparse
-    backward passes that visit them latent by latent.
+    backward passes that visit them latent by latent; with `keep`, only the entries it
+    marks (a host sync, for their count).
 
     The sort is stable (each latent's entries stay in vector order) and runs on the
     narrowest integer keys that hold the latents: on two CPU cores, 786,432 keys sort in
@@ -267,14 +268,30 @@ class LatentOrder:
     bincount rather than a search.
     """
 
-    def __init__(self, indices: Int[Tensor, "vectors k"], n_latents: int) -> None:
+    def __init__(
+        self,
+        indices: Int[Tensor, "vectors k"],
+        n_latents: int,
+        keep: Bool[Tensor, "vectors k"] | None = None,
+    ) -> None:
         self.n_vectors, self.k = indices.shape
         self.n_latents = n_latents
         flat = indices.reshape(-1)
-        self.order = torch.sort(_narrow_keys(flat, n_latents), stable=True).indices
+        keys = _narrow_keys(flat, n_latents)
+        if keep is None:
+            counts = torch.bincount(flat, minlength=n_latents)
+        else:
+            # Dropped entries count under a latent past the end and sort first, as -1.
+            dropped = ~keep.reshape(-1)
+            keys = keys.masked_fill(dropped, -1)
+            counts = torch.bincount(
+                flat.masked_fill(dropped, n_latents), minlength=n_latents + 1
+            )
+        n_dropped = 0 if keep is None else int(counts[n_latents])
+        counts = counts[:n_latents]
+        self.order = torch.sort(keys, stable=True).indices[n_dropped:]
         self.vectors = self.order // max(self.k, 1)
         self.latents = flat.index_select(0, self.order)
-        counts = torch.bincount(flat, minlength=n_latents)
         self.offsets = counts.cumsum(0) - counts
 
     def segment_sums(
@@ -301,9 +318,10 @@ class LatentOrder:
     def row_dots(
         self, rows: Float[Tensor, "vectors d"], table: Float[Tensor, "n_latents d"]
     ) -> Float[Tensor, "vectors k"]:
-        """Entry (v, i): `dot(rows[v], table[indices[v, i]])`, computed in latent order."""
+        """Entry (v, i): `dot(rows[v], table[indices[v, i]])`, computed in latent order
+        (zero for dropped entries)."""
         dots = self.sorted_row_dots(rows, table, self.vectors)
-        out = torch.empty_like(dots)
+        out = dots.new_zeros(self.n_vectors * self.k)
         out.index_copy_(0, self.order, dots)
         return out.view(self.n_vectors, self.k)
 

@@ -90,13 +90,17 @@ class _FusedAutoencode(torch.autograd.Function):
         n_vectors, k = indices.shape
         n_latents = encoder_weight.shape[0]
         selected = torch.cat([indices, auxk_indices], dim=1)
+        all_values = torch.cat([values, auxk_values], dim=1)
         width = selected.shape[1]
-        entries = LatentOrder(selected, n_latents)
+        with_auxk = auxk_indices.shape[1] > 0
+        # Entries that ReLU zeroed add nothing to any gradient (their values are zero and
+        # so is their own gradient): the order leaves them out.
+        entries = LatentOrder(selected, n_latents, keep=all_values > 0)
         if grad_decoded is None:
             grad_decoded = torch.zeros_like(x)
-        if auxk_indices.shape[1] > 0:
-            # Entry (v, i) was decoded into row v of `decoded` (i < k) or of `auxk_decoded`
-            # (i >= k): row v or n_vectors + v of the stacked gradients.
+        # Entry (v, i) was decoded into row v of `decoded` (i < k) or of `auxk_decoded`
+        # (i >= k): row v or n_vectors + v of the stacked gradients.
+        if with_auxk:
             slots = entries.order - entries.vectors * width
             grad_rows = entries.vectors + n_vectors * (slots >= k)
             if grad_auxk_decoded is None:
@@ -104,11 +108,10 @@ class _FusedAutoencode(torch.autograd.Function):
             grad_out = torch.cat([grad_decoded, grad_auxk_decoded]).float()
         else:
             grad_rows, grad_out = entries.vectors, grad_decoded.float()
-        sorted_values = torch.cat([values, auxk_values], dim=1).reshape(-1)
-        sorted_values = sorted_values.index_select(0, entries.order).float()
+        sorted_values = all_values.reshape(-1).index_select(0, entries.order).float()
 
-        # d loss / d value of each entry, in latent order: through the decode, plus any
-        # gradient that reached the returned values directly; zero where ReLU clipped.
+        # d loss / d value of each kept entry, in latent order: through the decode, plus any
+        # gradient that reached the returned values directly.
         grad_entries = entries.sorted_row_dots(grad_out, table, grad_rows)
         if grad_values is not None or grad_auxk_values is not None:
             direct = [
@@ -117,7 +120,6 @@ class _FusedAutoencode(torch.autograd.Function):
             ]
             direct = torch.cat(direct, dim=1).reshape(-1).float()
             grad_entries += direct.index_select(0, entries.order)
-        grad_entries *= sorted_values > 0
 
         grad_inputs = grad_bias = grad_encoder = grad_decoder = None
         if ctx.needs_input_grad[3]:
@@ -128,9 +130,8 @@ class _FusedAutoencode(torch.autograd.Function):
             grad_encoder = grad_encoder.to(encoder_dtype)
         weight = encoder_weight.float()
         if ctx.needs_input_grad[0]:
-            in_vector_order = torch.empty_like(grad_entries).index_copy_(
-                0, entries.order, grad_entries
-            )
+            in_vector_order = grad_entries.new_zeros(selected.numel())
+            in_vector_order.index_copy_(0, entries.order, grad_entries)
             grad_x = torch.nn.functional.embedding_bag(
                 selected,
                 weight,

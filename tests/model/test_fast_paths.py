@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlsae.model import autoencoder, decoder
+from mlsae.model import autoencoder, decoder, encoder
 from mlsae.model.autoencoder import (
     latent_major_linear,
     maintain_decoder,
@@ -214,6 +214,40 @@ def test_latent_order_sorts_on_narrow_keys_stably(n_latents):
     assert torch.equal(order, torch.sort(indices.reshape(-1), stable=True).indices)
 
 
+@pytest.mark.parametrize("n_latents", [70, 32_768])
+def test_latent_order_keep_leaves_out_the_unmarked_entries(n_latents):
+    generator = torch.Generator().manual_seed(5)
+    indices = torch.stack([torch.randperm(n_latents, generator=generator)[:6] for _ in range(25)])
+    indices[0, 0] = n_latents - 1
+    keep = torch.rand(25, 6, generator=generator) < 0.6
+    keep[3] = False  # a vector with nothing kept
+    values = torch.randn(25, 6, generator=generator, dtype=torch.float64)
+    rows = torch.randn(25, 11, generator=generator, dtype=torch.float64)
+    table = torch.randn(n_latents, 11, generator=generator, dtype=torch.float64)
+    order = decoder.LatentOrder(indices, n_latents, keep=keep)
+    kept = keep.reshape(-1).nonzero().squeeze(1)
+    expected_order = kept[torch.sort(indices.reshape(-1)[kept], stable=True).indices]
+    assert torch.equal(order.order, expected_order)
+    assert torch.equal(order.latents, indices.reshape(-1)[expected_order])
+    assert torch.equal(order.offsets.diff(append=torch.tensor([kept.numel()])), torch.bincount(
+        indices[keep], minlength=n_latents
+    ))
+    masked = values * keep
+    dense = torch.zeros(25, n_latents, dtype=torch.float64).scatter(1, indices, masked)
+    torch.testing.assert_close(order.segment_sums(rows, values), dense.T @ rows)
+    expected_dots = (table[indices] * rows[:, None]).sum(-1) * keep
+    torch.testing.assert_close(order.row_dots(rows, table), expected_dots)
+
+
+def test_latent_order_keeping_nothing_is_empty():
+    indices = torch.tensor([[1, 2], [0, 2]])
+    order = decoder.LatentOrder(indices, 3, keep=torch.zeros(2, 2, dtype=torch.bool))
+    assert order.order.numel() == 0 and torch.equal(order.offsets, torch.zeros(3, dtype=torch.long))
+    rows = torch.randn(2, 4)
+    assert torch.equal(order.segment_sums(rows, torch.ones(2, 2)), torch.zeros(3, 4))
+    assert torch.equal(order.row_dots(rows, torch.randn(3, 4)), torch.zeros(2, 2))
+
+
 @pytest.mark.parametrize("backend", ["embedding_bag", "triton"])
 @pytest.mark.parametrize("layout", ["latent_major", "column_major"])
 def test_decode_gradients_keep_the_weight_layout(layout, backend):
@@ -243,7 +277,13 @@ def test_decode_gradients_keep_the_weight_layout(layout, backend):
         (8, 4),  # fewer than AuxK's slots: AuxK takes every dead latent, no top-k
     ],
 )
-def test_select_latents_auxk_over_gathered_or_reordered_dead_columns(n_vectors, n_dead):
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_select_latents_auxk_over_gathered_or_reordered_dead_columns(
+    n_vectors, n_dead, chunk_rows, monkeypatch
+):
+    if chunk_rows:  # the pre-activations a few rows at a time
+        monkeypatch.setattr(encoder, "ENCODE_CHUNK_BYTES", chunk_rows * 64 * 8)
+        assert len(encoder.encode_chunks(n_vectors, 64 * 8, torch.device("cpu"))) > 1
     generator = torch.Generator().manual_seed(n_vectors)
     x = torch.randn(n_vectors, 10, generator=generator, dtype=torch.float64)
     weight = torch.randn(64, 10, generator=generator, dtype=torch.float64)
@@ -251,10 +291,23 @@ def test_select_latents_auxk_over_gathered_or_reordered_dead_columns(n_vectors, 
     values, indices, auxk_values, auxk_indices = select_latents(x, weight, 4, 6, dead)
     pre = x @ weight.T
     assert torch.equal(_sorted(indices), _sorted(pre.topk(4, dim=-1).indices))
-    assert torch.equal(pre.gather(1, indices), values)
+    torch.testing.assert_close(pre.gather(1, indices), values, rtol=1e-14, atol=0)
     masked = torch.full_like(pre, float("-inf"))
     masked[:, dead] = pre[:, dead]
     n_aux = min(6, n_dead)
     assert auxk_indices.shape == (n_vectors, n_aux)
     assert torch.equal(_sorted(auxk_indices), _sorted(masked.topk(n_aux, dim=-1).indices))
-    assert torch.equal(pre.gather(1, auxk_indices), auxk_values)
+    torch.testing.assert_close(pre.gather(1, auxk_indices), auxk_values, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize(("n_vectors", "row_bytes"), [(3072, 8192 * 4), (1000, 32768 * 4), (7, 10)])
+def test_encode_chunks_cover_the_rows_within_the_budget(n_vectors, row_bytes):
+    chunks = encoder.encode_chunks(n_vectors, row_bytes, torch.device("cpu"))
+    assert chunks[0].start == 0 and chunks[-1].stop == n_vectors
+    assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:], strict=False))
+    sizes = [c.stop - c.start for c in chunks]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    assert max(sizes) * row_bytes <= max(encoder.ENCODE_CHUNK_BYTES, row_bytes)
+    assert encoder.encode_chunks(n_vectors, row_bytes, torch.device("meta")) == [
+        slice(0, n_vectors)
+    ]

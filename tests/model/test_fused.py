@@ -25,8 +25,12 @@ def _loss_weights(seed: int, *shapes):
 
 @pytest.mark.parametrize("n_dead", [0, 5, 40])
 @pytest.mark.parametrize("inputs_grad", [False, True])
-def test_values_and_gradients_equal_dense_autograd(n_dead, inputs_grad):
+@pytest.mark.parametrize("mostly_negative", [False, True])
+def test_values_and_gradients_equal_dense_autograd(n_dead, inputs_grad, mostly_negative):
     inputs, bias, encoder, decoder = _problem(n_dead)
+    if mostly_negative:  # most pre-activations negative: ReLU zeroes top-k and AuxK entries
+        inputs, bias = inputs.abs(), bias.abs() * 0
+        encoder[3:] = -encoder[3:].abs()
     k, auxk = 6, 8
     dead = torch.randperm(96, generator=torch.Generator().manual_seed(1))[:n_dead]
     leaves = [t.clone().requires_grad_() for t in (inputs, bias, encoder, decoder)]
@@ -34,6 +38,8 @@ def test_values_and_gradients_equal_dense_autograd(n_dead, inputs_grad):
     out = fused_autoencode(*leaves, k, auxk, dead)
     n_aux = min(auxk, n_dead)
     assert out.topk.indices.shape == (23, k) and out.auxk.indices.shape == (23, n_aux)
+    if mostly_negative:  # the backward leaves zeroed entries out of its order
+        assert (out.topk.values == 0).any() and (n_dead == 0 or (out.auxk.values == 0).any())
     w_dec, w_aux, w_val, w_auxval = _loss_weights(n_dead, (23, 12), (23, 12), (23, k), (23, n_aux))
     loss = (
         (out.decoded * w_dec).sum()
