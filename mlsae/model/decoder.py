@@ -284,9 +284,7 @@ class LatentOrder:
             # Dropped entries count under a latent past the end and sort first, as -1.
             dropped = ~keep.reshape(-1)
             keys = keys.masked_fill(dropped, -1)
-            counts = torch.bincount(
-                flat.masked_fill(dropped, n_latents), minlength=n_latents + 1
-            )
+            counts = torch.bincount(flat.masked_fill(dropped, n_latents), minlength=n_latents + 1)
         n_dropped = 0 if keep is None else int(counts[n_latents])
         counts = counts[:n_latents]
         self.order = torch.sort(keys, stable=True).indices[n_dropped:]

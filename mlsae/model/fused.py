@@ -3,7 +3,8 @@
 `fused_autoencode` encodes, applies ReLU and decodes both selections (the top-k and AuxK's)
 in one `torch.autograd.Function`. It computes what `topk_encode` followed by two `decode`
 calls computes, but its backward visits the `k + auxk` selected entries of every vector
-once, sorted by latent, and uses that one order for all three sparse products:
+once, sorted by latent, leaving out those ReLU zeroed (they add nothing to any gradient),
+and uses that one order for all three sparse products:
 
 - the values' gradients, `dot(grad of the decoded vector, decoder row of the latent)`;
 - the decoder's gradient, one segment sum per latent over both selections at once (the

@@ -229,9 +229,10 @@ def test_latent_order_keep_leaves_out_the_unmarked_entries(n_latents):
     expected_order = kept[torch.sort(indices.reshape(-1)[kept], stable=True).indices]
     assert torch.equal(order.order, expected_order)
     assert torch.equal(order.latents, indices.reshape(-1)[expected_order])
-    assert torch.equal(order.offsets.diff(append=torch.tensor([kept.numel()])), torch.bincount(
-        indices[keep], minlength=n_latents
-    ))
+    assert torch.equal(
+        order.offsets.diff(append=torch.tensor([kept.numel()])),
+        torch.bincount(indices[keep], minlength=n_latents),
+    )
     masked = values * keep
     dense = torch.zeros(25, n_latents, dtype=torch.float64).scatter(1, indices, masked)
     torch.testing.assert_close(order.segment_sums(rows, values), dense.T @ rows)
