@@ -3,8 +3,10 @@
 `fused_autoencode` encodes, applies ReLU and decodes both selections (the top-k and AuxK's)
 in one `torch.autograd.Function`. It computes what `topk_encode` followed by two `decode`
 calls computes, but its backward visits the `k + auxk` selected entries of every vector
-once, sorted by latent, leaving out those ReLU zeroed (they add nothing to any gradient),
-and uses that one order for all three sparse products:
+once, sorted by latent, leaving out those ReLU zeroed (they add nothing to any gradient;
+a NaN pre-activation is left out too, so its NaN does not spread into the weights'
+gradients: the loss, which `NonFiniteTracker` checks, is still NaN), and uses that one
+order for all three sparse products:
 
 - the values' gradients, `dot(grad of the decoded vector, decoder row of the latent)`;
 - the decoder's gradient, one segment sum per latent over both selections at once (the

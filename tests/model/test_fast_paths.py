@@ -301,7 +301,10 @@ def test_select_latents_auxk_over_gathered_or_reordered_dead_columns(
     torch.testing.assert_close(pre.gather(1, auxk_indices), auxk_values, rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize(("n_vectors", "row_bytes"), [(3072, 8192 * 4), (1000, 32768 * 4), (7, 10)])
+@pytest.mark.parametrize(
+    ("n_vectors", "row_bytes"),
+    [(3072, 8192 * 4), (1000, 32768 * 4), (3072, 24576 * 4), (7, 10), (5, 2**30)],
+)
 def test_encode_chunks_cover_the_rows_within_the_budget(n_vectors, row_bytes):
     chunks = encoder.encode_chunks(n_vectors, row_bytes, torch.device("cpu"))
     assert chunks[0].start == 0 and chunks[-1].stop == n_vectors
