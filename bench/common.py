@@ -18,7 +18,7 @@ def interleaved_medians(
     functions: dict[str, Callable[[], object]], repeats: int, warmup: int
 ) -> dict[str, dict[str, float]]:
     """Run every function once per repeat, in turn, and report the median, min and
-    max wall times in seconds (after `warmup` untimed rounds)."""
+    max wall times in seconds, and every sample (after `warmup` untimed rounds)."""
     times: dict[str, list[float]] = {name: [] for name in functions}
     for round_ in range(warmup + repeats):
         for name, function in functions.items():
@@ -32,6 +32,7 @@ def interleaved_medians(
             "median_s": statistics.median(values),
             "min_s": min(values),
             "max_s": max(values),
+            "samples_s": values,
         }
         for name, values in times.items()
     }
@@ -81,3 +82,10 @@ def run_isolated(args: list[str]) -> str:
         [sys.executable, *args], env=env, capture_output=True, text=True, check=True, cwd=ROOT
     )
     return result.stdout
+
+
+def paired_ratio(timings: dict[str, dict], name: str, reference: str) -> float:
+    """The median over repeats of `name`'s time over `reference`'s in the same repeat:
+    steadier than a ratio of medians on a machine whose speed drifts."""
+    pairs = zip(timings[name]["samples_s"], timings[reference]["samples_s"], strict=True)
+    return statistics.median(a / b for a, b in pairs)

@@ -17,9 +17,10 @@ at full size) and with half of them dead. Implementations:
 - "decode": our decode forward + backward alone (top-k, plus AuxK's when latents are dead).
 
 All run in one process with the same thread count, alternating within every repeat; each
-cell is the median of `--repeats` after `--warmup` untimed rounds. Peak memory of the
-mlsae step is measured in a fresh process (see `bench/common.py`). Prints a markdown table
-and writes JSON.
+time is the median of `--repeats` after `--warmup` untimed rounds, and each ratio the
+median over repeats of the two times of one repeat (the floors run right after our step).
+Peak memory of the mlsae step is measured in a fresh process (see `bench/common.py`).
+Prints a markdown table and writes JSON.
 
     python bench/train_step.py [--threads 2] [--repeats 5] [--out bench/results/train_step.json]
 """
@@ -39,6 +40,7 @@ from bench.common import (  # noqa: E402
     current_rss_bytes,
     interleaved_medians,
     machine_note,
+    paired_ratio,
     peak_rss_bytes,
     reset_peak_rss,
     run_isolated,
@@ -253,6 +255,11 @@ def build_functions(names, x, encoder, decoder, bias, dead, k, auxk):
         model = make_mlsae(encoder, decoder, bias, dead, k, auxk)
         opt = make_adam(model.parameters(), lr=LR, eps=EPS)
         functions["mlsae"] = lambda m=model, o=opt: mlsae_step(m, o, x)
+    # The floors run next to our step, so that the paired ratios compare adjacent runs.
+    floor, floor_preallocated, matmul, opt = make_floor(encoder, decoder, bias, flat)
+    keep.append(opt)
+    functions["floor"], functions["floor_prealloc"] = floor, floor_preallocated
+    functions["matmul"] = matmul
     for name, fused, coo in (("dense", True, False), ("original", False, True)):
         if name in names:
             sae = ReferenceSAE(encoder, decoder, bias, k, auxk)
@@ -263,10 +270,6 @@ def build_functions(names, x, encoder, decoder, bias, dead, k, auxk):
     if "sparsify" in names:
         coder, opt = make_sparsify(encoder, decoder, bias, k)
         functions["sparsify"] = lambda c=coder, o=opt: sparsify_step(c, o, flat, dead)
-    floor, floor_preallocated, matmul, opt = make_floor(encoder, decoder, bias, flat)
-    keep.append(opt)
-    functions["floor"], functions["matmul"] = floor, matmul
-    functions["floor_prealloc"] = floor_preallocated
     if "decode" in names:
         functions["decode"] = make_decode(encoder, decoder, flat, dead, k, auxk)
     return functions, keep
@@ -342,16 +345,14 @@ def print_table(rows: list[dict]) -> None:
     )
     for row in rows:
         timings = row["timings"]
-        floor = timings["floor"]["median_s"]
-        floor_prealloc = timings["floor_prealloc"]["median_s"]
-        ours = timings.get("mlsae", {}).get("median_s")
         for name, timing in timings.items():
-            median = timing["median_s"]
-            versus = f"{median / ours:.2f}" if ours else "-"
+            ratios = [
+                f"{paired_ratio(timings, name, reference):.2f}" if reference in timings else "-"
+                for reference in ("floor", "floor_prealloc", "mlsae")
+            ]
             print(
                 f"| {row['n_latents']} | {row['n_vectors']} | {row['dead_fraction']:.0%} | {name}"
-                f" | {median * 1e3:.0f} | {median / floor:.2f} | {median / floor_prealloc:.2f}"
-                f" | {versus} |"
+                f" | {timing['median_s'] * 1e3:.0f} | {' | '.join(ratios)} |"
             )
     print("\n| latents | dead | decode share of step | peak MiB | allowance MiB | peak/allow |")
     print("|---|---|---|---|---|---|")
@@ -359,7 +360,7 @@ def print_table(rows: list[dict]) -> None:
         timings = row["timings"]
         share = "-"
         if "decode" in timings and "mlsae" in timings:
-            share = f"{timings['decode']['median_s'] / timings['mlsae']['median_s']:.1%}"
+            share = f"{paired_ratio(timings, 'decode', 'mlsae'):.1%}"
         memory = row["memory"]
         if memory:
             peak, allowance = memory["peak_bytes"] / 2**20, memory["allowance_bytes"] / 2**20
