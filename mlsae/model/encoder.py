@@ -94,7 +94,7 @@ def select_latents(
             auxk_values, positions = fast_topk(dead_pre_activations, auxk)
         return values, indices, auxk_values, positions
 
-    row_bytes = n_latents * torch.empty((), dtype=x.dtype).element_size()
+    row_bytes = n_latents * x.element_size()
     parts = [search(x[rows]) for rows in encode_chunks(x.shape[0], row_bytes, x.device)]
     values, indices, auxk_values, positions = (_join([p[i] for p in parts]) for i in range(4))
     if order is not None:

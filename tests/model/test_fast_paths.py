@@ -57,19 +57,25 @@ def test_fast_topk_ties_keep_the_selected_values():
     assert all(row.unique().numel() == 32 for row in indices)
 
 
+def _maintain_like_the_two_functions(decoder: torch.nn.Linear) -> None:
+    """`maintain_decoder(decoder)`, checked against `unit_norm_decoder` followed by
+    `unit_norm_decoder_gradient` on a plain copy."""
+    plain = torch.nn.Linear(decoder.in_features, decoder.out_features, bias=False)
+    plain.weight.data.copy_(decoder.weight.data)
+    plain.weight.grad = decoder.weight.grad.contiguous()
+    maintain_decoder(decoder)
+    unit_norm_decoder(plain)
+    unit_norm_decoder_gradient(plain)
+    torch.testing.assert_close(decoder.weight, plain.weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(decoder.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_maintain_decoder_equals_the_two_functions():
     torch.manual_seed(0)
     fused = torch.nn.Linear(300, 48, bias=False)
     fused.weight.data.mul_(3.0)
     fused.weight.grad = torch.randn(48, 300)
-    plain = torch.nn.Linear(300, 48, bias=False)
-    plain.weight.data.copy_(fused.weight.data)
-    plain.weight.grad = fused.weight.grad.clone()
-    maintain_decoder(fused)
-    unit_norm_decoder(plain)
-    unit_norm_decoder_gradient(plain)
-    torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(fused.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-6)
+    _maintain_like_the_two_functions(fused)
 
 
 def test_maintain_decoder_needs_a_gradient():
@@ -143,15 +149,8 @@ def test_maintain_decoder_in_column_blocks_and_latent_major(monkeypatch):
     fused = latent_major_linear(50, 12)
     fused.weight.data.mul_(2.5)
     fused.weight.grad = torch.randn(50, 12).t()
-    plain = torch.nn.Linear(50, 12, bias=False)
-    plain.weight.data.copy_(fused.weight.data)
-    plain.weight.grad = fused.weight.grad.contiguous()
-    maintain_decoder(fused)
-    unit_norm_decoder(plain)
-    unit_norm_decoder_gradient(plain)
+    _maintain_like_the_two_functions(fused)
     assert fused.weight.t().is_contiguous() and fused.weight.grad.t().is_contiguous()
-    torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(fused.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
