@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mlsae.model import native
 from mlsae.model.decoder import sparse_transpose_product
 from mlsae.model.types import TopK
 
@@ -202,6 +203,8 @@ def fast_topk(x: Float[Tensor, "rows n"], k: int) -> tuple[Tensor, Tensor]:
     two groups, or off the CPU, this is `torch.topk`. The selected values are identical
     to `torch.topk`'s; among tied values the indices may differ.
     """
+    if x.dim() == 2 and 0 < k <= x.shape[-1] and native.usable(x):
+        return native.topk(x, k)
     n = x.shape[-1]
     groups = MAX_TOPK_GROUPS
     while groups > 1 and (n % groups or n // groups < 4 * k):

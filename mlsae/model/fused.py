@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mlsae.model import native
 from mlsae.model.decoder import LatentOrder, _latent_major, bag_sum
 from mlsae.model.encoder import bias_gradient, select_latents
 from mlsae.model.types import TopK
@@ -96,6 +97,17 @@ class _FusedAutoencode(torch.autograd.Function):
         all_values = torch.cat([values, auxk_values], dim=1)
         width = selected.shape[1]
         with_auxk = auxk_indices.shape[1] > 0
+        if native.usable(x, table, all_values, encoder_weight):
+            return _native_backward(
+                ctx,
+                selected,
+                all_values,
+                k,
+                grad_values,
+                grad_auxk_values,
+                grad_decoded,
+                grad_auxk_decoded,
+            )
         # Entries that ReLU zeroed add nothing to any gradient (their values are zero and
         # so is their own gradient): the order leaves them out.
         entries = LatentOrder(selected, n_latents, keep=all_values > 0)
@@ -147,3 +159,47 @@ class _FusedAutoencode(torch.autograd.Function):
         elif ctx.needs_input_grad[1]:
             grad_bias = bias_gradient(entries.latents, grad_entries, weight).to(bias_dtype)
         return grad_inputs, grad_bias, grad_encoder, grad_decoder, None, None, None
+
+
+def _native_backward(
+    ctx, selected, all_values, k, grad_values, grad_auxk_values, grad_decoded, grad_auxk_decoded
+):
+    """`_FusedAutoencode.backward` by `native.sparse_backward`, for fp32 CPU tensors: one
+    kernel computes the entries' gradients and the decoder's and encoder's."""
+    x, encoder_weight, table, values, _, auxk_values, _ = ctx.saved_tensors
+    inputs_dtype, bias_dtype, encoder_dtype, decoder_dtype = ctx.dtypes
+    zeros = None if grad_decoded is not None and grad_auxk_decoded is not None else x.new_zeros(1)
+    grad_main = zeros.expand_as(x) if grad_decoded is None else grad_decoded.float()
+    grad_aux = zeros.expand_as(x) if grad_auxk_decoded is None else grad_auxk_decoded.float()
+    direct = None
+    if grad_values is not None or grad_auxk_values is not None:
+        direct = [
+            torch.zeros_like(v) if g is None else g
+            for g, v in ((grad_values, values), (grad_auxk_values, auxk_values))
+        ]
+        direct = torch.cat(direct, dim=1).float()
+    needs_inputs, needs_bias, needs_encoder, needs_decoder = ctx.needs_input_grad[:4]
+    dvals, grad_decoder, grad_encoder, latent_sums = native.sparse_backward(
+        selected,
+        all_values,
+        k,
+        grad_main,
+        grad_aux,
+        table,
+        x if needs_encoder else None,
+        direct,
+        latent_sums=needs_bias and not needs_inputs,
+    )
+    grad_inputs = grad_bias = None
+    if needs_inputs:
+        grad_x = torch.nn.functional.embedding_bag(
+            selected, encoder_weight, per_sample_weights=dvals, mode="sum"
+        )
+        grad_inputs = grad_x.to(inputs_dtype)
+        if needs_bias:
+            grad_bias = (-grad_x.sum(0)).to(bias_dtype)
+    elif needs_bias:
+        grad_bias = (-(latent_sums @ encoder_weight)).to(bias_dtype)
+    grad_decoder = grad_decoder.t().to(decoder_dtype) if needs_decoder else None
+    grad_encoder = grad_encoder.to(encoder_dtype) if needs_encoder else None
+    return grad_inputs, grad_bias, grad_encoder, grad_decoder, None, None, None

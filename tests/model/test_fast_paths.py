@@ -1,14 +1,14 @@
-"""The training step's fast paths against their plain references: `fast_topk` against
-`torch.topk`, `maintain_decoder` against the two maintenance functions, the encoder's
-bias gradient and `sparse_transpose_product` against dense autograd, the column-sliced
-`bag_sum` against one `embedding_bag`, and the decode's cached latent-major copy against
-fresh decodes."""
+"""The training step's fast paths against their plain references: `fast_topk` (native
+kernel and torch ops) against `torch.topk`, `maintain_decoder` against the two
+maintenance functions, the encoder's bias gradient and `sparse_transpose_product`
+against dense autograd, the column-sliced `bag_sum` against one `embedding_bag`, and the
+decode's cached latent-major copy against fresh decodes."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mlsae.model import autoencoder, decoder, encoder
+from mlsae.model import autoencoder, decoder, encoder, native
 from mlsae.model.autoencoder import (
     latent_major_linear,
     maintain_decoder,
@@ -24,10 +24,18 @@ def _sorted(indices: torch.Tensor) -> torch.Tensor:
     return indices.sort(dim=-1).values
 
 
+@pytest.fixture(params=["native", "torch"])
+def topk_backend(request, monkeypatch):
+    """`fast_topk` by the native kernel, then by its torch ops."""
+    if request.param == "torch":
+        monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    return request.param
+
+
 @pytest.mark.parametrize(
     ("n", "k"), [(8192, 32), (4096, 256), (1024, 8), (1000, 5), (64, 16), (48, 3), (128, 0)]
 )
-def test_fast_topk_selects_the_same_latents_as_torch_topk(n, k):
+def test_fast_topk_selects_the_same_latents_as_torch_topk(n, k, topk_backend):
     generator = torch.Generator().manual_seed(n + k)
     x = torch.randn(37, n, generator=generator)
     values, indices = fast_topk(x, k)
@@ -37,7 +45,7 @@ def test_fast_topk_selects_the_same_latents_as_torch_topk(n, k):
     assert torch.equal(x.gather(1, indices), values)
 
 
-def test_fast_topk_on_a_column_slice_and_with_clustered_maxima():
+def test_fast_topk_on_a_column_slice_and_with_clustered_maxima(topk_backend):
     x = torch.randn(9, 8192)
     # The largest values all in one interleaved block: the blocks' bound must still hold.
     x[:, 5::512] += 100.0
@@ -48,7 +56,7 @@ def test_fast_topk_on_a_column_slice_and_with_clustered_maxima():
         assert torch.equal(view.gather(1, indices), values)
 
 
-def test_fast_topk_ties_keep_the_selected_values():
+def test_fast_topk_ties_keep_the_selected_values(topk_backend):
     x = torch.zeros(3, 4096)
     x[:, 100:140] = 1.0
     values, indices = fast_topk(x, 32)

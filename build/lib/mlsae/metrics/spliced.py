@@ -1,0 +1,99 @@
+"""What splicing a reconstruction into the transformer costs, per layer.
+
+The functions compare the logits of one forward pass with the true residual
+stream spliced in (`logits_true`) against one with the reconstruction spliced in
+(`logits_pred`). `mask` (`[batch, pos]`, True = counts) restricts them to the
+positions that count; without it every position counts, as in the original.
+The metric classes average the per-batch values of each layer over batches.
+"""
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from torchmetrics import Metric
+
+
+def next_token_loss(
+    logits: Float[Tensor, "batch pos vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    mask: Bool[Tensor, "batch pos"] | None = None,
+) -> Float[Tensor, ""]:
+    """Mean cross-entropy of predicting token p+1 from position p (positions that count)."""
+    losses = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none"
+    )
+    if mask is None:
+        return losses.mean()
+    weights = mask[:, :-1].flatten().float()
+    return (losses * weights).sum() / weights.sum()
+
+
+def logit_mse(
+    logits_true: Float[Tensor, "batch pos vocab"],
+    logits_pred: Float[Tensor, "batch pos vocab"],
+    mask: Bool[Tensor, "batch pos"] | None = None,
+) -> Float[Tensor, ""]:
+    """Mean squared difference of the logits, over positions that count and the vocabulary."""
+    if mask is None:
+        return F.mse_loss(logits_true.float(), logits_pred.float())
+    squared = (logits_true.float() - logits_pred.float()).pow(2).mean(dim=-1)
+    weights = mask.float()
+    return (squared * weights).sum() / weights.sum()
+
+
+def logit_kldiv(
+    logits_true: Float[Tensor, "batch pos vocab"],
+    logits_pred: Float[Tensor, "batch pos vocab"],
+    mask: Bool[Tensor, "batch pos"] | None = None,
+) -> Float[Tensor, ""]:
+    """KL(pred || true) of the next-token distributions, summed over positions that
+    count and divided by the batch size (`kl_div(..., reduction="batchmean")`)."""
+    log_true = F.log_softmax(logits_true.float(), dim=-1)
+    log_pred = F.log_softmax(logits_pred.float(), dim=-1)
+    if mask is None:
+        return F.kl_div(log_true, log_pred, log_target=True, reduction="batchmean")
+    per_position = F.kl_div(log_true, log_pred, log_target=True, reduction="none").sum(dim=-1)
+    return (per_position * mask.float()).sum() / logits_true.shape[0]
+
+
+class LayerwiseBatchMean(Metric):
+    """The mean over batches of a per-layer, per-batch value."""
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, n_layers: int) -> None:
+        super().__init__()
+        self.add_state("layer_sum", torch.zeros(n_layers), dist_reduce_fx="sum")
+        self.add_state("batches", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def _add(self, values: Float[Tensor, " layer"]) -> None:
+        self.layer_sum += values.detach().float()
+        self.batches += 1
+
+    def compute(self) -> Float[Tensor, " layer"]:
+        return self.layer_sum / self.batches
+
+
+class LayerwiseLossDelta(LayerwiseBatchMean):
+    """CE loss with the reconstruction spliced in minus CE loss with the true stream."""
+
+    def update(
+        self, loss_true: Float[Tensor, " layer"], loss_pred: Float[Tensor, " layer"], **_: object
+    ) -> None:
+        self._add(loss_pred - loss_true)
+
+
+class LayerwiseLogitMSE(LayerwiseBatchMean):
+    """Mean squared difference of the logits (see `logit_mse`)."""
+
+    def update(self, logit_mse: Float[Tensor, " layer"], **_: object) -> None:
+        self._add(logit_mse)
+
+
+class LayerwiseLogitKLDiv(LayerwiseBatchMean):
+    """KL divergence of the next-token distributions (see `logit_kldiv`)."""
+
+    def update(self, logit_kldiv: Float[Tensor, " layer"], **_: object) -> None:
+        self._add(logit_kldiv)

@@ -1,0 +1,514 @@
+"""Text -> fixed-length token blocks, batched for training, validation and testing.
+
+The token stream matches the original implementation exactly, because test results,
+dists and examples depend on it:
+
+1. Documents are read in order and taken `GROUP_SIZE` (1,024) at a time.
+2. Each group is joined into one string `EOS + doc_1 + EOS + doc_2 + ...`, where EOS is
+   `tokenizer.eos_token`, and tokenised once, with no special tokens added beyond those
+   literal EOS strings.
+3. The tokens are cut into blocks of `max_length`, and the last block of each group is
+   dropped. Like the original, it is dropped even when it happens to be complete. The
+   dropped tokens are counted (`TokenBlocks.dropped_tokens`) and logged.
+
+Blocks are numbered from 0 in stream order. A `TokenBlocks` dataset yields the blocks in
+`[start_block, stop_block)` as batches `{"input_ids": LongTensor[batch_size, max_length]}`.
+That range is what makes the stream resumable (start where a run stopped) and keeps
+validation apart from training (validation reads the first `val_blocks` blocks, training
+starts after them), when both read the same data.
+
+Text comes from a Hugging Face hub dataset (streamed) or from local `.jsonl`, `.json`,
+`.jsonl.zst` (or `.gz`, `.bz2`, `.xz`), `.parquet` and `.txt` files, given as one file, a
+directory, or a glob. A `.txt` file holds one document per line.
+"""
+
+import glob
+import logging
+import os
+from collections.abc import Iterator, Sequence
+
+import datasets
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRAIN_PATH = "monology/pile-uncopyrighted"
+"""The hub dataset that the published models were trained on."""
+
+DEFAULT_TEST_PATH = "data/test.jsonl.zst"
+"""The file that the original test and analysis flows read (the Pile test split)."""
+
+GROUP_SIZE = 1024
+"""The number of documents joined and tokenised together (the original's `map` batch)."""
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+_COMPRESSIONS = (".zst", ".gz", ".bz2", ".xz")
+_GLOB_CHARS = ("*", "?", "[")
+
+Batch = dict[str, Int[Tensor, "batch pos"]]
+
+
+def max_steps(max_tokens: int | float, batch_size: int, max_length: int) -> int:
+    """The number of whole batches of `batch_size x max_length` tokens in `max_tokens`."""
+    return int(max_tokens) // (batch_size * max_length)
+
+
+def load_tokenizer(tokenizer: str | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Load a tokenizer by hub id or local directory, or pass one through; it needs EOS."""
+    if isinstance(tokenizer, str):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    if tokenizer.eos_token is None:
+        raise ValueError(
+            f"the tokenizer {tokenizer.name_or_path!r} has no eos_token, "
+            "which separates documents in the token stream"
+        )
+    return tokenizer
+
+
+def concat_and_tokenize(
+    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> tuple[Int[Tensor, "block pos"], int]:
+    """Tokenise one group of documents into blocks, as the original did.
+
+    Returns the kept blocks and the number of tokens dropped: those of the last block,
+    which is dropped whether or not it is complete.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    text = tokenizer.eos_token + tokenizer.eos_token.join(texts)
+    token_ids = tokenizer(
+        text,
+        add_special_tokens=False,
+        truncation=False,
+        return_attention_mask=False,
+        # The whole group is longer than model_max_length by design; no warning.
+        verbose=False,
+    )["input_ids"]
+    n_chunks = -(-len(token_ids) // max_length)
+    n_kept = max(n_chunks - 1, 0) * max_length
+    blocks = torch.tensor(token_ids[:n_kept], dtype=torch.long).view(-1, max_length)
+    return blocks, len(token_ids) - n_kept
+
+
+def _is_glob(path: str) -> bool:
+    return any(char in path for char in _GLOB_CHARS)
+
+
+def _builder_for(file: str) -> str | None:
+    """The `datasets` builder that reads `file`, from its extension, or None."""
+    name = file.lower()
+    for compression in _COMPRESSIONS:
+        if name.endswith(compression):
+            name = name[: -len(compression)]
+            break
+    return _BUILDERS.get(os.path.splitext(name)[1])
+
+
+def _looks_local(path: str) -> bool:
+    """Whether `path` names local files rather than a hub dataset id."""
+    return (
+        _is_glob(path)
+        or os.path.isabs(path)
+        or path.startswith((".", "~"))
+        or _builder_for(path) is not None
+        or os.path.exists(path)
+    )
+
+
+def _builder_for_files(files: list[str], path: str) -> str:
+    builders = {_builder_for(file) for file in files}
+    if None in builders or len(builders) != 1:
+        raise ValueError(
+            f"{path!r} matches files of unsupported or mixed types ({sorted(files)[:5]}); "
+            f"expected all of one of: {', '.join(_BUILDERS)} (optionally compressed with "
+            f"{', '.join(_COMPRESSIONS)})"
+        )
+    return builders.pop()  # type: ignore[return-value]
+
+
+def load_text_dataset(
+    path: str, split: str = "train", name: str | None = None
+) -> datasets.IterableDataset:
+    """Stream the rows of a hub dataset or of local text files.
+
+    Args:
+        path: a hub dataset id (e.g. `monology/pile-uncopyrighted`), or a local file, a
+            directory, or a glob of `.jsonl[.zst]`, `.json`, `.parquet` or `.txt` files.
+        split: the split of a hub dataset or a directory (whose files `datasets` assigns
+            to splits by name, e.g. `train.jsonl.zst`, `validation.jsonl.zst`). A file or
+            a glob is one split, whatever is asked.
+        name: the configuration (subset) of a hub dataset.
+    """
+    path = os.path.expanduser(path)
+    if not _looks_local(path):
+        return datasets.load_dataset(path, name=name, split=split, streaming=True)
+    if os.path.isdir(path):
+        try:
+            return datasets.load_dataset(path, split=split, streaming=True)
+        except (datasets.exceptions.DataFilesNotFoundError, FileNotFoundError) as error:
+            raise FileNotFoundError(f"no readable data files in {path!r}: {error}") from error
+        except StopIteration as error:
+            raise ValueError(f"{path!r} (split {split!r}) holds no documents") from error
+        except Exception as error:
+            raise ValueError(f"could not read {path!r} (split {split!r}): {error!r}") from error
+    if _is_glob(path):
+        files = sorted(file for file in glob.glob(path, recursive=True) if os.path.isfile(file))
+        if not files:
+            raise FileNotFoundError(f"no files match {path!r}")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"no such file or directory: {path!r}")
+    builder = _builder_for_files(files, path)
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+    except StopIteration as error:
+        raise ValueError(f"{path!r} holds no documents") from error
+    except Exception as error:
+        raise ValueError(f"could not read {path!r} as {builder}: {error!r}") from error
+
+
+def iter_text_groups(
+    path: str,
+    split: str = "train",
+    name: str | None = None,
+    text_column: str = "text",
+    group_size: int = GROUP_SIZE,
+) -> Iterator[list[str]]:
+    """Yield the documents of a dataset in order, `group_size` at a time (the last fewer).
+
+    Raises ValueError when the files cannot be read, lack `text_column`, hold a
+    non-string text, or hold no documents at all.
+    """
+    dataset = load_text_dataset(path, split, name)
+    columns = dataset.column_names
+    if columns is not None and text_column not in columns:
+        raise ValueError(f"{path!r} has no column {text_column!r}; its columns are {columns}")
+    if columns is not None and len(columns) > 1:
+        dataset = dataset.select_columns([text_column])
+    n_documents = 0
+    rows = iter(dataset.iter(batch_size=group_size))
+    while True:
+        try:
+            rows_batch = next(rows)
+        except StopIteration:
+            break
+        except Exception as error:
+            raise ValueError(f"could not read {path!r}: {error!r}") from error
+        if text_column not in rows_batch:
+            raise ValueError(
+                f"{path!r} has no column {text_column!r}; its columns are {list(rows_batch)}"
+            )
+        texts = rows_batch[text_column]
+        bad = next((text for text in texts if not isinstance(text, str)), None)
+        if bad is not None:
+            raise ValueError(
+                f"{path!r}: column {text_column!r} holds a {type(bad).__name__}, not text"
+            )
+        n_documents += len(texts)
+        yield texts
+    if n_documents == 0:
+        raise ValueError(f"{path!r} (split {split!r}) holds no documents")
+
+
+class TokenBlocks(IterableDataset):
+    """Batches of token blocks `[start_block, stop_block)` of a text dataset, in order.
+
+    Each item is `{"input_ids": LongTensor[batch_size, max_length]}`; use it with
+    `DataLoader(dataset, batch_size=None)` (see `make_dataloader`). The last batch holds
+    fewer blocks when the range or the data ends inside it, unless `drop_last`.
+
+    Counters of the latest iteration in this process (in worker processes, the workers'
+    copies count): `documents_read`, `tokens_read`, `blocks_read` (kept blocks, including
+    those before `start_block`), `dropped_tokens` (the last block of each group), and
+    `next_block`, the block after the last one yielded.
+
+    Resuming: the blocks before `start_block` are still read and tokenised (their count
+    depends on the tokenisation) but not yielded, so a dataset with `start_block = n`
+    yields exactly what one with `start_block = 0` yields after its first `n` blocks.
+    `state_dict()` / `load_state_dict()` carry `next_block`. Under Lightning or with
+    workers, derive the position from the steps taken instead, since data loaders read
+    ahead: `start_block = first_block + steps * accumulate_grad_batches * batch_size`.
+
+    Workers and ranks: with `num_workers = W > 0` every worker reads the whole stream and
+    yields batches `w, w + W, ...`, so the DataLoader returns the same batches in the same
+    order as without workers (loading overlaps with compute, tokenisation is not shared
+    out). Under torch.distributed, rank r of R likewise keeps batches `r, r + R, ...`.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer: str | PreTrainedTokenizerBase,
+        max_length: int,
+        batch_size: int,
+        *,
+        split: str = "train",
+        name: str | None = None,
+        text_column: str = "text",
+        start_block: int = 0,
+        stop_block: int | None = None,
+        drop_last: bool = False,
+        group_size: int = GROUP_SIZE,
+    ) -> None:
+        super().__init__()
+        if max_length < 1 or batch_size < 1 or group_size < 1:
+            raise ValueError(
+                "max_length, batch_size and group_size must be positive, got "
+                f"{max_length}, {batch_size}, {group_size}"
+            )
+        if start_block < 0 or (stop_block is not None and stop_block < start_block):
+            raise ValueError(f"invalid block range [{start_block}, {stop_block})")
+        self.path = path
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.split = split
+        self.name = name
+        self.text_column = text_column
+        self.start_block = start_block
+        self.stop_block = stop_block
+        self.drop_last = drop_last
+        self.group_size = group_size
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self.documents_read = 0
+        self.tokens_read = 0
+        self.blocks_read = 0
+        self.dropped_tokens = 0
+        self.next_block = self.start_block
+
+    @property
+    def max_batches(self) -> int | None:
+        """The number of batches in the block range, if bounded (fewer if the data ends)."""
+        if self.stop_block is None:
+            return None
+        n_blocks = self.stop_block - self.start_block
+        if self.drop_last:
+            return n_blocks // self.batch_size
+        return -(-n_blocks // self.batch_size)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next_block": self.next_block}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume at `state_dict["next_block"]` on the next iteration."""
+        next_block = state_dict["next_block"]
+        if next_block < 0 or (self.stop_block is not None and next_block > self.stop_block):
+            raise ValueError(f"next_block {next_block} lies outside [0, {self.stop_block}]")
+        self.start_block = next_block
+        self.next_block = next_block
+
+    def _block_chunks(self) -> Iterator[Int[Tensor, "block pos"]]:
+        """The kept blocks in `[start_block, stop_block)`, a group's worth at a time."""
+        for texts in iter_text_groups(
+            self.path, self.split, self.name, self.text_column, self.group_size
+        ):
+            blocks, dropped = concat_and_tokenize(texts, self.tokenizer, self.max_length)
+            first = self.blocks_read
+            self.documents_read += len(texts)
+            self.tokens_read += blocks.numel() + dropped
+            self.blocks_read += len(blocks)
+            self.dropped_tokens += dropped
+            logger.debug(
+                "group of %d documents: %d blocks, %d tokens dropped",
+                len(texts),
+                len(blocks),
+                dropped,
+            )
+            begin = max(self.start_block - first, 0)
+            end = len(blocks) if self.stop_block is None else self.stop_block - first
+            if begin < end:
+                yield blocks[begin:end]
+            if self.stop_block is not None and self.blocks_read >= self.stop_block:
+                return
+
+    def _batches(self) -> Iterator[Int[Tensor, "batch pos"]]:
+        pending: list[Tensor] = []
+        n_pending = 0
+        for chunk in self._block_chunks():
+            pending.append(chunk)
+            n_pending += len(chunk)
+            if n_pending < self.batch_size:
+                continue
+            blocks = torch.cat(pending)
+            n_whole = n_pending - n_pending % self.batch_size
+            yield from blocks[:n_whole].split(self.batch_size)
+            pending = [blocks[n_whole:]]
+            n_pending -= n_whole
+        if n_pending > 0 and not self.drop_last:
+            yield torch.cat(pending)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._reset_counters()
+        shard, n_shards = _shard()
+        for index, batch in enumerate(self._batches()):
+            self.next_block += len(batch)
+            if index % n_shards == shard:
+                yield {"input_ids": batch.clone()}
+        logger.info(
+            "read %d documents of %r: %d tokens, %d blocks of %d (yielded up to block %d); "
+            "dropped %d tokens, the last block of each group of %d documents",
+            self.documents_read,
+            self.path,
+            self.tokens_read,
+            self.blocks_read,
+            self.max_length,
+            self.next_block,
+            self.dropped_tokens,
+            self.group_size,
+        )
+        if self.blocks_read == 0:
+            raise ValueError(
+                f"{self.path!r} holds no text to train on: no group of documents gives "
+                f"a block of {self.max_length} tokens"
+            )
+
+
+def _shard() -> tuple[int, int]:
+    """This reader's share of the batches: `(shard, n_shards)` over ranks and workers.
+
+    Under torch.distributed, rank r of R keeps batches r, r + R, ...; each rank's
+    workers split its share the same way, so the batches of one optimizer step over
+    all ranks are consecutive batches of the stream.
+    """
+    rank, world_size = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    worker = get_worker_info()
+    worker_id, n_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
+    return worker_id * world_size + rank, world_size * n_workers
+
+
+class SinglePassLoader(DataLoader):
+    """A DataLoader that goes over its stream once per process: iterated again (a new
+    epoch), it yields nothing, so no text is ever trained on twice."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        if getattr(self, "_passed", False):
+            return iter(())
+        self._passed = True
+        return super().__iter__()
+
+
+def make_dataloader(
+    dataset: TokenBlocks, num_workers: int = 0, single_pass: bool = False
+) -> DataLoader[Batch]:
+    """A DataLoader over the batches that `dataset` forms itself."""
+    loader_class = SinglePassLoader if single_pass else DataLoader
+    return loader_class(dataset, batch_size=None, num_workers=num_workers)
+
+
+def get_train_dataloader(
+    path: str = DEFAULT_TRAIN_PATH,
+    tokenizer: str | PreTrainedTokenizerBase = "EleutherAI/pythia-70m-deduped",
+    max_length: int = 2048,
+    batch_size: int = 1,
+    *,
+    max_tokens: int | float | None = None,
+    val_blocks: int = 0,
+    skip_batches: int = 0,
+    split: str = "train",
+    name: str | None = None,
+    text_column: str = "text",
+    num_workers: int = 0,
+    single_pass: bool = False,
+) -> DataLoader[Batch]:
+    """The training stream: every block after the first `val_blocks`.
+
+    Args:
+        val_blocks: blocks at the head of the stream reserved for validation (pass the
+            same number to `get_val_dataloader`); 0 when validation has its own data.
+        max_tokens: stop after `max_steps(max_tokens, batch_size, max_length)` batches,
+            counted from the start of training (resumed runs stop at the same place).
+        skip_batches: batches already trained on, to resume a run where it stopped.
+        single_pass: yield nothing when iterated a second time in this process.
+    """
+    start_block = val_blocks + skip_batches * batch_size
+    stop_block = None
+    if max_tokens is not None:
+        stop_block = max(
+            val_blocks + max_steps(max_tokens, batch_size, max_length) * batch_size, start_block
+        )
+    dataset = TokenBlocks(
+        path,
+        tokenizer,
+        max_length,
+        batch_size,
+        split=split,
+        name=name,
+        text_column=text_column,
+        start_block=start_block,
+        stop_block=stop_block,
+    )
+    return make_dataloader(dataset, num_workers, single_pass)
+
+
+def get_val_dataloader(
+    path: str = DEFAULT_TRAIN_PATH,
+    tokenizer: str | PreTrainedTokenizerBase = "EleutherAI/pythia-70m-deduped",
+    max_length: int = 2048,
+    batch_size: int = 1,
+    *,
+    val_blocks: int,
+    split: str = "train",
+    name: str | None = None,
+    text_column: str = "text",
+    num_workers: int = 0,
+) -> DataLoader[Batch]:
+    """The validation stream: the first `val_blocks` blocks of `path` / `split`.
+
+    With the training data, pass the same `val_blocks` to `get_train_dataloader`, which
+    then never reads them; or give validation its own data (another split or file).
+    """
+    if val_blocks < 1:
+        raise ValueError(f"val_blocks must be positive, got {val_blocks}")
+    dataset = TokenBlocks(
+        path,
+        tokenizer,
+        max_length,
+        batch_size,
+        split=split,
+        name=name,
+        text_column=text_column,
+        stop_block=val_blocks,
+    )
+    return make_dataloader(dataset, num_workers)
+
+
+def get_test_dataloader(
+    tokenizer: str | PreTrainedTokenizerBase,
+    max_length: int,
+    batch_size: int,
+    *,
+    path: str = DEFAULT_TEST_PATH,
+    max_tokens: int | float | None = None,
+    split: str = "test",
+    name: str | None = None,
+    text_column: str = "text",
+    num_workers: int = 0,
+) -> DataLoader[Batch]:
+    """The test stream: `data/test.jsonl.zst` by default, from its first block.
+
+    `split` applies to hub datasets and directories only. With `max_tokens`, it holds
+    `max_steps(max_tokens, batch_size, max_length)` batches at most.
+    """
+    stop_block = None
+    if max_tokens is not None:
+        stop_block = max_steps(max_tokens, batch_size, max_length) * batch_size
+    dataset = TokenBlocks(
+        path,
+        tokenizer,
+        max_length,
+        batch_size,
+        split=split,
+        name=name,
+        text_column=text_column,
+        stop_block=stop_block,
+    )
+    return make_dataloader(dataset, num_workers)

@@ -1,0 +1,365 @@
+"""Command-line configuration: simple-parsing dataclasses, one docstring per option.
+
+Options are unprefixed (`--expansion_factor`, `-k`, `--path`, ...) as in the
+original, so `python train.py --help` lists every one with its default.
+"""
+
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from itertools import product
+from typing import Any
+
+import simple_parsing
+import torch
+from simple_parsing import field
+
+from mlsae.model.data import max_steps
+from mlsae.utils import get_repo_id
+
+
+@dataclass
+class AutoencoderConfig:
+    """The autoencoder and its training objective."""
+
+    expansion_factor: int = 64
+    """The number of latents over the transformer's width."""
+
+    k: int = field(default=32, alias="-k")
+    """The number of latents kept per vector (TopK)."""
+
+    auxk: int | None = 256
+    """How many dead latents model the residual error (AuxK); none to turn it off."""
+
+    auxk_coef: float | None = 1 / 32
+    """The weight of the AuxK loss."""
+
+    dead_tokens_threshold: int = 10_000_000
+    """Training tokens without firing after which a latent is dead."""
+
+    dead_threshold: float = 1e-3
+    """The activation above which a latent counts as fired."""
+
+    lr: float = 1e-4
+    """Adam's learning rate."""
+
+    adam_eps: float = 6.25e-10
+    """Adam's epsilon."""
+
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear learning-rate warm-up."""
+
+    lr_decay_steps: int = 0
+    """Final optimizer steps of linear learning-rate decay to zero."""
+
+    standardize: bool = True
+    """Whether to standardise every residual vector (zero mean, unit variance)."""
+
+    skip_special_tokens: bool = True
+    """Whether to zero the residual stream at BOS/EOS/PAD positions."""
+
+    count_special_tokens: bool = False
+    """Whether those zeroed positions count in losses, metrics and dead latents
+    (the original's behaviour; needed to reproduce its numbers)."""
+
+    tuned_lens: bool = False
+    """Whether to translate the residual stream with the model's tuned lens."""
+
+
+MLSAEConfig = AutoencoderConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is cut into token blocks."""
+
+    path: str = "monology/pile-uncopyrighted"
+    """A hub dataset id, or local .jsonl[.zst]/.parquet/.txt files, a folder or a glob."""
+
+    split: str = "train"
+    """The split of a hub dataset (or of a local folder of split files)."""
+
+    text_column: str = "text"
+    """The column that holds the text."""
+
+    max_length: int = 2048
+    """Tokens per sequence."""
+
+    batch_size: int = 1
+    """Sequences per micro-batch."""
+
+    max_tokens: int = 1_000_000_000
+    """The number of tokens to train on (or to evaluate on, for test and analysis)."""
+
+    val_path: str | None = None
+    """Separate validation data; without it, validation holds out the first
+    `val_tokens` tokens of the training stream, which training skips."""
+
+    val_split: str = "validation"
+    """The split of `val_path` to validate on."""
+
+    val_tokens: int = 1_048_576
+    """Tokens held out for validation."""
+
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    @property
+    def max_steps(self) -> int:
+        """Micro-batches in `max_tokens`."""
+        return max_steps(self.max_tokens, self.batch_size, self.max_length)
+
+    @property
+    def val_blocks(self) -> int:
+        return max(1, self.val_tokens // self.max_length)
+
+
+MISSING_TEST_DATA = (
+    "{path} does not exist. It is the default: the cached test split of the Pile. "
+    "Create it with, for example:\n"
+    '  python -c "from datasets import load_dataset; '
+    "load_dataset('monology/pile-uncopyrighted', data_files='test.jsonl.zst', split='train')"
+    ".to_json('data/test.jsonl')\" && zstd data/test.jsonl\n"
+    "or pass --path with a hub dataset id or local .jsonl[.zst]/.parquet/.txt files "
+    "(e.g. quickstart/data --split test)."
+)
+
+
+def require_local_data(path: str) -> None:
+    """Fail early, saying how to create it, when the default test file is missing."""
+    if path == "data/test.jsonl.zst" and not os.path.exists(path):
+        raise FileNotFoundError(MISSING_TEST_DATA.format(path=path))
+
+
+def held_out_stream(config: DataConfig, tokenizer: Any) -> Any:
+    """The held-out stream of `config` from its first block: `max_steps` batches."""
+    from mlsae.model.data import get_test_dataloader
+
+    require_local_data(config.path)
+    return get_test_dataloader(
+        tokenizer,
+        config.max_length,
+        config.batch_size,
+        path=config.path,
+        max_tokens=config.max_tokens,
+        split=config.split,
+        text_column=config.text_column,
+        num_workers=config.num_workers,
+    )
+
+
+def default_precision() -> str:
+    """16-bit mixed precision on CUDA, full precision on the CPU."""
+    return "16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+@dataclass
+class TrainerConfig:
+    """The Lightning trainer: devices, precision, logging and checkpoints."""
+
+    accumulate_grad_batches: int = 64
+    """Micro-batches per optimizer step."""
+
+    precision: str | None = None
+    """Lightning precision; default 16-mixed on CUDA, 32-true on the CPU."""
+
+    devices: str = "auto"
+    """Devices to train on (Lightning's `devices`: a count, a list such as 0,1, or auto)."""
+
+    accelerator: str = "auto"
+    """cpu, gpu, or auto."""
+
+    strategy: str = "auto"
+    """Lightning strategy: auto, ddp, fsdp, ..."""
+
+    num_nodes: int = 1
+    """Machines for multi-node training."""
+
+    max_steps: int | None = None
+    """Optimizer steps; default: as many as `max_tokens` gives."""
+
+    log_every_n_steps: int = 8
+    """Optimizer steps between logged metrics."""
+
+    val_check_interval: int | None = 4096
+    """Micro-batches between validations (none: once per epoch)."""
+
+    limit_val_batches: int = 512
+    """Validation batches per validation."""
+
+    checkpoint_every_n_steps: int = 1000
+    """Optimizer steps between checkpoints (the last one is always kept)."""
+
+    checkpoint_path: str | None = None
+    """A checkpoint (`last.ckpt`) to resume training from."""
+
+    run_dir: str = "out/runs"
+    """Where runs keep their logs and checkpoints."""
+
+    output_dir: str | None = None
+    """Where the trained model is saved with save_pretrained (default: <run>/model)."""
+
+    logger: str = "auto"
+    """wandb, csv, tensorboard, none, or auto (wandb when logged in, else csv)."""
+
+    skip_non_finite: bool = False
+    """Skip optimizer steps with NaN/inf in the residual stream or loss (with a warning)
+    instead of stopping the run with an error naming the layer and step."""
+
+
+@dataclass
+class RunConfig:
+    """Train an MLSAE on the residual stream of every layer of a transformer."""
+
+    autoencoder: AutoencoderConfig = dataclass_field(default_factory=AutoencoderConfig)
+    data: DataConfig = dataclass_field(default_factory=DataConfig)
+    trainer: TrainerConfig = dataclass_field(default_factory=TrainerConfig)
+
+    model_name: str = "EleutherAI/pythia-70m-deduped"
+    """A hub id or local folder of a causal LM and its tokenizer."""
+
+    layers: list[int] | None = None
+    """The decoder blocks to train on (default: all)."""
+
+    seed: int = 42
+    """The seed of every random number generator."""
+
+    project: str | None = None
+    """The Weights & Biases project."""
+
+    run: str | None = None
+    """The run's name (default: derived from the model and hyperparameters)."""
+
+
+@dataclass
+class TestConfig:
+    """Evaluate pretrained MLSAEs on held-out text and write their metrics to CSV."""
+
+    data: DataConfig = dataclass_field(
+        default_factory=lambda: DataConfig(path="data/test.jsonl.zst", split="test")
+    )
+
+    repo_id: str | None = None
+    """A pretrained -tfm model: hub id or local folder (default: the published id
+    for each model name, expansion factor and k)."""
+
+    model_name: list[str] = dataclass_field(
+        default_factory=lambda: ["EleutherAI/pythia-70m-deduped"]
+    )
+    """Transformers of the published models to evaluate (one or more)."""
+
+    expansion_factor: list[int] = dataclass_field(default_factory=lambda: [64])
+    """Expansion factors of the published models to evaluate (one or more)."""
+
+    k: list[int] = field(default_factory=lambda: [32], alias="-k")
+    """k of the published models to evaluate (one or more)."""
+
+    tuned_lens: bool = False
+    """Evaluate the published -lens models."""
+
+    count_special_tokens: bool = False
+    """Count the zeroed special-token positions, as the original did."""
+
+    precision: str | None = None
+    """Lightning precision; default 16-mixed on CUDA, 32-true on the CPU."""
+
+    accelerator: str = "auto"
+    """cpu, gpu, or auto."""
+
+    output_dir: str = "out"
+    """Where the CSV files go."""
+
+    seed: int = 42
+    """The seed of every random number generator."""
+
+    def repo_ids(self) -> Iterator[str]:
+        """The models to evaluate."""
+        if self.repo_id is not None:
+            yield self.repo_id
+            return
+        for model_name, expansion_factor, k in product(
+            self.model_name, self.expansion_factor, self.k
+        ):
+            yield get_repo_id(model_name, expansion_factor, k, tuned_lens=self.tuned_lens)
+
+
+def _require_positive(name: str, value: int | None, allow_none: bool = False) -> None:
+    from mlsae.cli import ConfigError
+
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"--{name} must be a positive integer, got {value}")
+
+
+def check_precision(precision: str | None, accelerator: str = "auto") -> None:
+    """16-bit mixed precision needs CUDA; say so before Lightning does, less clearly."""
+    from mlsae.cli import ConfigError
+
+    on_cpu = accelerator == "cpu" or not torch.cuda.is_available()
+    if precision is not None and precision.startswith("16") and on_cpu:
+        raise ConfigError(
+            f"--precision {precision} needs a CUDA GPU; on the CPU use 32-true or bf16-mixed"
+        )
+
+
+def check_run_config(config: "RunConfig") -> None:
+    """Reject options that cannot work, before any model is loaded."""
+    from mlsae.cli import ConfigError
+
+    ae, data, trainer = config.autoencoder, config.data, config.trainer
+    _require_positive("expansion_factor", ae.expansion_factor)
+    _require_positive("k", ae.k)
+    _require_positive("auxk", ae.auxk, allow_none=True)
+    _require_positive("max_length", data.max_length)
+    _require_positive("batch_size", data.batch_size)
+    _require_positive("max_tokens", data.max_tokens)
+    _require_positive("accumulate_grad_batches", trainer.accumulate_grad_batches)
+    _require_positive("max_steps", trainer.max_steps, allow_none=True)
+    if config.layers is not None and len(set(config.layers)) != len(config.layers):
+        raise ConfigError(f"--layers must not repeat a layer, got {config.layers}")
+    if data.max_tokens < data.batch_size * data.max_length:
+        raise ConfigError(
+            f"--max_tokens {data.max_tokens} is less than one batch "
+            f"({data.batch_size} x {data.max_length} tokens)"
+        )
+    check_precision(trainer.precision, trainer.accelerator)
+
+
+def parse(config_class: type, args: list[str] | None = None, description: str | None = None):
+    """Parse the command line into `config_class`."""
+    return simple_parsing.parse(
+        config_class, args=args, description=description or config_class.__doc__
+    )
+
+
+def initialize(seed: int) -> None:
+    """Seed everything and set the process-wide options every command uses."""
+    from lightning.pytorch import seed_everything
+
+    seed_everything(seed, workers=True, verbose=False)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_float32_matmul_precision("high")
+    # The frozen transformer is in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+@dataclass
+class UploadConfig:
+    """Publish a trained MLSAE: the -tfm LightningModule and the plain autoencoder."""
+
+    ckpt_path: str
+    """A Lightning checkpoint written by train.py (e.g. out/runs/<run>/checkpoints/last.ckpt)."""
+
+    repo_id: str | None = None
+    """The hub id of the -tfm model (default: the published naming for its hyperparameters);
+    the plain autoencoder goes to the same id without -tfm."""
+
+    output_dir: str = "out/upload"
+    """Where both layouts are written before they are pushed."""
+
+    private: bool = False
+    """Create private hub repositories."""

@@ -1,0 +1,197 @@
+"""`train(config)`: fit an MLSAE on a transformer's residual stream with Lightning."""
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+
+from mlsae.model.data import get_train_dataloader, get_val_dataloader, load_tokenizer
+from mlsae.model.lightning import MLSAETransformer
+from mlsae.trainer.callbacks import TokensPerSecondBar
+from mlsae.trainer.config import RunConfig, check_run_config, default_precision, initialize, parse
+from mlsae.trainer.faults import AtomicCheckpointIO, CheckpointOnSigterm, read_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def run_name(config: RunConfig) -> str:
+    """A readable default name: model, expansion factor and k."""
+    if config.run:
+        return config.run
+    model = config.model_name.rstrip("/").split("/")[-1]
+    name = f"mlsae-{model}-x{config.autoencoder.expansion_factor}-k{config.autoencoder.k}"
+    if config.layers is not None:
+        name += "-layers-" + "-".join(map(str, config.layers))
+    return name
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import wandb
+
+        return bool(wandb.api.api_key)
+    except Exception:
+        return False
+
+
+def make_logger(config: RunConfig, name: str, run_dir: Path) -> Logger | bool:
+    """Weights & Biases when asked for or logged in; otherwise a local CSV log."""
+    choice = config.trainer.logger
+    if choice == "none":
+        return False
+    if choice == "wandb" or (choice == "auto" and _wandb_logged_in()):
+        from lightning.pytorch.loggers import WandbLogger
+
+        return WandbLogger(name=name, project=config.project, save_dir=str(run_dir))
+    if choice == "tensorboard":
+        return TensorBoardLogger(str(run_dir), name="tensorboard")
+    return CSVLogger(str(run_dir), name="logs")
+
+
+def resume_state(checkpoint_path: str | None) -> dict[str, Any]:
+    """What a checkpoint says about the data already trained on."""
+    if checkpoint_path is None:
+        return {}
+    checkpoint = read_checkpoint(checkpoint_path)
+    return {**checkpoint.get("mlsae", {}), "epoch": checkpoint.get("epoch", 0)}
+
+
+def print_summary(title: str, metrics: dict[str, float]) -> None:
+    """The averages over layers of the logged metrics, one per line."""
+    averages = {name: value for name, value in metrics.items() if name.endswith("/avg")}
+    if not averages:
+        return
+    width = max(map(len, averages))
+    print(title)
+    for name, value in sorted(averages.items()):
+        print(f"  {name:<{width}}  {value:.6g}")
+
+
+def build_model(config: RunConfig) -> MLSAETransformer:
+    ae = config.autoencoder
+    return MLSAETransformer(
+        model_name=config.model_name,
+        layers=config.layers,
+        expansion_factor=ae.expansion_factor,
+        k=ae.k,
+        auxk=ae.auxk,
+        auxk_coef=ae.auxk_coef,
+        dead_tokens_threshold=ae.dead_tokens_threshold,
+        dead_threshold=ae.dead_threshold,
+        lr=ae.lr,
+        standardize=ae.standardize,
+        skip_special_tokens=ae.skip_special_tokens,
+        max_length=config.data.max_length,
+        batch_size=config.data.batch_size,
+        accumulate_grad_batches=config.trainer.accumulate_grad_batches,
+        tuned_lens=ae.tuned_lens,
+        count_special_tokens=ae.count_special_tokens,
+        adam_eps=ae.adam_eps,
+        lr_warmup_steps=ae.lr_warmup_steps,
+        lr_decay_steps=ae.lr_decay_steps,
+        skip_non_finite=config.trainer.skip_non_finite,
+    )
+
+
+def train(config: RunConfig, extra_callbacks: list[Any] | None = None) -> Path:
+    """Train an MLSAE and save it with `save_pretrained`; returns the output folder."""
+    check_run_config(config)
+    initialize(config.seed)
+    name = run_name(config)
+    run_dir = Path(config.trainer.run_dir) / name
+    output_dir = Path(config.trainer.output_dir or run_dir / "model")
+    data, trainer_config = config.data, config.trainer
+
+    resumed = resume_state(trainer_config.checkpoint_path)
+    model = build_model(config)
+    tokenizer = load_tokenizer(model.transformer.tokenizer)
+
+    val_blocks = 0 if data.val_path else data.val_blocks
+    train_loader = get_train_dataloader(
+        data.path,
+        tokenizer,
+        data.max_length,
+        data.batch_size,
+        max_tokens=data.max_tokens,
+        val_blocks=val_blocks,
+        skip_batches=resumed.get("micro_batches_seen", 0),
+        split=data.split,
+        text_column=data.text_column,
+        num_workers=data.num_workers,
+        single_pass=True,
+    )
+    val_loader = get_val_dataloader(
+        data.val_path or data.path,
+        tokenizer,
+        data.max_length,
+        data.batch_size,
+        val_blocks=data.val_blocks,
+        split=data.val_split if data.val_path else data.split,
+        text_column=data.text_column,
+        num_workers=data.num_workers,
+    )
+
+    max_steps = trainer_config.max_steps or max(
+        1, math.ceil(data.max_steps / trainer_config.accumulate_grad_batches)
+    )
+    sigterm = CheckpointOnSigterm(run_dir / "checkpoints" / "last.ckpt")
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        every_n_train_steps=trainer_config.checkpoint_every_n_steps,
+        save_last=True,
+        save_top_k=1,
+    )
+    trainer = Trainer(
+        accelerator=trainer_config.accelerator,
+        devices=trainer_config.devices,
+        strategy=trainer_config.strategy,
+        num_nodes=trainer_config.num_nodes,
+        precision=trainer_config.precision or default_precision(),
+        logger=make_logger(config, name, run_dir),
+        callbacks=[checkpoints, sigterm, TokensPerSecondBar(), *(extra_callbacks or [])],
+        plugins=[AtomicCheckpointIO()],
+        max_steps=max_steps,
+        # The stream is read once (a resumed run continues it), so no text is trained on
+        # twice. Its epoch may end before max_steps; the extra epoch yields nothing, and
+        # lets a run resumed from the last batch of an epoch continue into the next.
+        max_epochs=resumed.get("epoch", 0) + 2,
+        accumulate_grad_batches=trainer_config.accumulate_grad_batches,
+        log_every_n_steps=trainer_config.log_every_n_steps,
+        val_check_interval=trainer_config.val_check_interval,
+        check_val_every_n_epoch=None if trainer_config.val_check_interval else 1,
+        limit_val_batches=trainer_config.limit_val_batches,
+        num_sanity_val_steps=0,
+        default_root_dir=str(run_dir),
+        enable_model_summary=False,
+    )
+    trainer.fit(model, train_loader, val_loader, ckpt_path=trainer_config.checkpoint_path)
+    if sigterm.interrupted:
+        print(
+            f"Stopped by SIGTERM after step {trainer.global_step}; resume with "
+            f"--checkpoint_path {sigterm.checkpoint_path}"
+        )
+        return sigterm.checkpoint_path
+    final = trainer.validate(model, val_loader, verbose=False)
+
+    if trainer.is_global_zero:
+        print_summary("Held-out metrics after training", final[0] if final else {})
+        model.save_pretrained(output_dir)
+        if trainer.logger is not None and hasattr(trainer.logger, "finalize"):
+            trainer.logger.finalize("success")
+    return output_dir
+
+
+def main(args: list[str] | None = None) -> Path:
+    """`python train.py`: parse the command line, train, name the saved model last."""
+    config = parse(RunConfig, args)
+    output_dir = train(config)
+    if output_dir.suffix != ".ckpt":
+        print(f"Saved the trained model to {output_dir}")
+    return output_dir
