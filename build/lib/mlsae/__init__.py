@@ -1,1 +1,0 @@
-"""Multi-Layer Sparse Autoencoders (Lawson et al., arXiv 2409.04185)."""

@@ -1,1 +1,0 @@
-"""Analyses of a trained MLSAE; each module runs as `python -m mlsae.analysis.<name>`."""
