@@ -200,8 +200,9 @@ def fast_topk(x: Float[Tensor, "rows n"], k: int) -> tuple[Tensor, Tensor]:
     instead of n, and the block maxima are an elementwise max of `groups` contiguous
     slices, which vectorises. `groups` is the largest power of two up to
     `MAX_TOPK_GROUPS` that divides n and leaves at least `4 * k` blocks; with fewer than
-    two groups, or off the CPU, this is `torch.topk`. The selected values are identical
-    to `torch.topk`'s; among tied values the indices may differ.
+    two groups, or off the CPU, this is `torch.topk`. Where the C kernels are compiled,
+    fp32 CPU input goes to `native.topk` instead (one vectorised pass). The selected values
+    are identical to `torch.topk`'s; among tied values the indices may differ.
     """
     if x.dim() == 2 and 0 < k <= x.shape[-1] and native.usable(x):
         return native.topk(x, k)

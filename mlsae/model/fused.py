@@ -128,13 +128,9 @@ class _FusedAutoencode(torch.autograd.Function):
         # d loss / d value of each kept entry, in latent order: through the decode, plus any
         # gradient that reached the returned values directly.
         grad_entries = entries.sorted_row_dots(grad_out, table, grad_rows)
-        if grad_values is not None or grad_auxk_values is not None:
-            direct = [
-                torch.zeros_like(v) if g is None else g
-                for g, v in ((grad_values, values), (grad_auxk_values, auxk_values))
-            ]
-            direct = torch.cat(direct, dim=1).reshape(-1).float()
-            grad_entries += direct.index_select(0, entries.order)
+        direct = _direct_gradients(grad_values, grad_auxk_values, values, auxk_values)
+        if direct is not None:
+            grad_entries += direct.reshape(-1).index_select(0, entries.order)
 
         grad_inputs = grad_bias = grad_encoder = grad_decoder = None
         if ctx.needs_input_grad[3]:
@@ -168,16 +164,9 @@ def _native_backward(
     kernel computes the entries' gradients and the decoder's and encoder's."""
     x, encoder_weight, table, values, _, auxk_values, _ = ctx.saved_tensors
     inputs_dtype, bias_dtype, encoder_dtype, decoder_dtype = ctx.dtypes
-    zeros = None if grad_decoded is not None and grad_auxk_decoded is not None else x.new_zeros(1)
-    grad_main = zeros.expand_as(x) if grad_decoded is None else grad_decoded.float()
-    grad_aux = zeros.expand_as(x) if grad_auxk_decoded is None else grad_auxk_decoded.float()
-    direct = None
-    if grad_values is not None or grad_auxk_values is not None:
-        direct = [
-            torch.zeros_like(v) if g is None else g
-            for g, v in ((grad_values, values), (grad_auxk_values, auxk_values))
-        ]
-        direct = torch.cat(direct, dim=1).float()
+    grad_main = torch.zeros_like(x) if grad_decoded is None else grad_decoded.float()
+    grad_aux = torch.zeros_like(x) if grad_auxk_decoded is None else grad_auxk_decoded.float()
+    direct = _direct_gradients(grad_values, grad_auxk_values, values, auxk_values)
     needs_inputs, needs_bias, needs_encoder, needs_decoder = ctx.needs_input_grad[:4]
     dvals, grad_decoder, grad_encoder, latent_sums = native.sparse_backward(
         selected,
@@ -203,3 +192,15 @@ def _native_backward(
     grad_decoder = grad_decoder.t().to(decoder_dtype) if needs_decoder else None
     grad_encoder = grad_encoder.to(encoder_dtype) if needs_encoder else None
     return grad_inputs, grad_bias, grad_encoder, grad_decoder, None, None, None
+
+
+def _direct_gradients(grad_values, grad_auxk_values, values, auxk_values) -> Tensor | None:
+    """The gradients that reached the returned values directly (not through the decode),
+    as one fp32 `[vectors, k + auxk]` tensor, or None where none did."""
+    if grad_values is None and grad_auxk_values is None:
+        return None
+    direct = [
+        torch.zeros_like(v) if g is None else g
+        for g, v in ((grad_values, values), (grad_auxk_values, auxk_values))
+    ]
+    return torch.cat(direct, dim=1).float()

@@ -60,9 +60,9 @@ MIN_PARALLEL_TERMS = 1 << 18
 """Below this many multiply-adds a kernel runs on one thread: starting threads costs more."""
 
 _ERRORS = {
-    1: IndexError("an index is out of range"),
-    2: MemoryError("out of memory"),
-    3: ValueError("k out of range"),
+    1: (IndexError, "a selected latent index is outside [0, n_latents)"),
+    2: (MemoryError, "out of memory for its scratch buffers"),
+    3: (ValueError, "k must be in [1, n], and n below 2**31"),
 }
 
 
@@ -177,9 +177,10 @@ def _threads(n_terms: int) -> int:
     return 1 if n_terms < MIN_PARALLEL_TERMS else torch.get_num_threads()
 
 
-def _check(status: int) -> None:
+def _check(status: int, kernel: str) -> None:
     if status:
-        raise _ERRORS.get(status, RuntimeError(f"native kernel failed with status {status}"))
+        error, message = _ERRORS.get(status, (RuntimeError, f"failed with status {status}"))
+        raise error(f"native {kernel}: {message}")
 
 
 def _rows(tensor: Tensor) -> Tensor:
@@ -208,7 +209,7 @@ def topk(x: Float[Tensor, "rows n"], k: int) -> tuple[Tensor, Tensor]:
         _pointer(indices),
         _pointer(nan_rows),
     )
-    _check(status)
+    _check(status, "topk")
     if nan_rows.any():
         rows = nan_rows.nonzero().squeeze(1)
         values[rows], indices[rows] = x[rows].topk(k, dim=-1, sorted=False)
@@ -275,5 +276,5 @@ def sparse_backward(
         _pointer(grad_encoder),
         _pointer(sums),
     )
-    _check(status)
+    _check(status, "sparse_backward")
     return dvals, grad_decoder, grad_encoder, sums

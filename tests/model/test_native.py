@@ -162,7 +162,7 @@ def test_results_do_not_depend_on_threads_or_tiles(monkeypatch):
 def test_sparse_backward_rejects_an_out_of_range_latent():
     selected, *rest = _problem(7)
     selected[3, 2] = 50
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="outside \\[0, n_latents\\)"):
         native.sparse_backward(selected, *rest)
 
 
