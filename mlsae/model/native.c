@@ -416,12 +416,12 @@ static void backward_chunk(chunk_t *c, int n, int64_t d, const float *decoder_ro
     for (int e = 0; e < n; e++) {
         float dval = 0;
         for (int u = 0; u < 16; u++) dval += c->partial[e][u];
-        for (int64_t j = blocked; j < d; j++) dval += c->grad[e][j] * decoder_row[j];
+        for (int64_t j = blocked; j < d; j++) dval = __builtin_fmaf(c->grad[e][j], decoder_row[j], dval);
         c->dval[e] = dval + c->direct[e];
     }
     for (int64_t j = blocked; j < d; j++) {
         float acc = accumulate ? dec_out[j] : 0;
-        for (int e = 0; e < n; e++) acc += c->value[e] * c->grad[e][j];
+        for (int e = 0; e < n; e++) acc = __builtin_fmaf(c->value[e], c->grad[e][j], acc);
         dec_out[j] = acc;
     }
     if (!enc_out) return;
@@ -437,7 +437,7 @@ static void backward_chunk(chunk_t *c, int n, int64_t d, const float *decoder_ro
     }
     for (int64_t j = blocked; j < d; j++) {
         float acc = accumulate ? enc_out[j] : 0;
-        for (int e = 0; e < n; e++) acc += c->dval[e] * c->x[e][j];
+        for (int e = 0; e < n; e++) acc = __builtin_fmaf(c->dval[e], c->x[e][j], acc);
         enc_out[j] = acc;
     }
 }
