@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mlsae.model import native
 from mlsae.model.types import TopK
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ class _EmbeddingBagDecode(torch.autograd.Function):
     grad_out rows over the entries of latent j` (`sparse_transpose_product`), and the values
     gradient, `dot(grad_out[v], weight[:, indices[v, i]])`, is `embedding_bag`'s
     per-sample-weight backward run over the entries in latent order, so that consecutive
-    dot products reuse one decoder row from the L1 cache.
+    dot products reuse one decoder row from the L1 cache. For fp32 CPU tensors, where the C
+    kernels are compiled, `native.sparse_backward` computes both gradients in one pass.
     """
 
     @staticmethod
@@ -153,15 +155,27 @@ class _EmbeddingBagDecode(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         ctx.values_dtype = values.dtype
         out = bag_sum(table, indices, values_f)
-        ctx.save_for_backward(values_f, indices, table if ctx.needs_input_grad[0] else None)
+        ctx.native = native.usable(values_f, table)
+        keep_table = ctx.needs_input_grad[0] or ctx.native
+        ctx.save_for_backward(values_f, indices, table if keep_table else None)
         return out.to(values.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         values, indices, table = ctx.saved_tensors
         grad_out = grad_out.float().contiguous()
-        entries = LatentOrder(indices, ctx.n_latents)
         grad_values = grad_weight = None
+        if ctx.native:  # both gradients in one pass over the entries (`mlsae.model.native`)
+            dvals, grad_table, _, _ = native.sparse_backward(
+                indices, values, indices.shape[1], grad_out, None, table, None,
+                skip_nonpositive=False,
+            )
+            if ctx.needs_input_grad[0]:
+                grad_values = dvals.to(ctx.values_dtype)
+            if ctx.needs_input_grad[2]:
+                grad_weight = grad_table.t().to(ctx.weight_dtype)
+            return grad_values, None, grad_weight
+        entries = LatentOrder(indices, ctx.n_latents)
         if ctx.needs_input_grad[0]:
             grad_values = entries.row_dots(grad_out, table).to(ctx.values_dtype)
         if ctx.needs_input_grad[2]:

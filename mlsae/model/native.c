@@ -353,10 +353,10 @@ int mlsae_topk(int n_threads, int64_t n_rows, int64_t n, int64_t k, int64_t row_
 /* ---- sparse_backward: the fused autoencoder's backward over its selected entries ----
  *
  * Entry (v, i) of the [n_vectors, width] selection has latent selected[v, i] and value
- * values[v, i] (after ReLU); slots i < k were decoded into row v of the decoded output,
- * the others (AuxK's) into row v of the AuxK output, whose gradients are grad_main and
- * grad_aux. Entries whose value is not positive are skipped: ReLU zeroed them (or they are
- * NaN). For every other entry:
+ * values[v, i]; slots i < k were decoded into row v of the decoded output, the others
+ * (AuxK's) into row v of the AuxK output, whose gradients are grad_main and grad_aux. With
+ * skip_nonpositive (values after ReLU), entries whose value is not positive are skipped:
+ * ReLU zeroed them (or they are NaN). For every other entry:
  *
  *   dvals[v, i]     = dot(grad row, decoder[latent]) + direct[v, i] (direct may be NULL)
  *   grad_dec[l]    += value * grad row          (latent-major, like decoder)
@@ -371,13 +371,17 @@ int mlsae_topk(int n_threads, int64_t n_rows, int64_t n, int64_t k, int64_t row_
  * order whatever the tile and thread count. */
 
 typedef struct {
-    int thread, n_threads;
+    int thread, n_threads, skip_nonpositive;
     int64_t n_vectors, width, k, n_latents, d, decoder_stride, tile;
     const int64_t *selected;
     const float *values, *direct, *grad_main, *grad_aux, *decoder, *x;
     float *dvals, *grad_dec, *grad_enc, *latent_sums;
     int status;
 } backward_job;
+
+static inline int kept(const backward_job *job, float value) {
+    return !job->skip_nonpositive || value > 0;
+}
 
 #define CHUNK_ENTRIES 256
 #define BWD_BLOCK 4 /* vec16 registers per column block: 64 columns */
@@ -479,12 +483,12 @@ static void *backward_worker(void *arg) {
                 job->status = 1;
                 goto done;
             }
-            if (owner(latent, nt) == job->thread && values[p] > 0) ends[local(latent, nt) + 1]++;
+            if (owner(latent, nt) == job->thread && kept(job, values[p])) ends[local(latent, nt) + 1]++;
         }
         for (int64_t l = 0; l < n_own; l++) ends[l + 1] += ends[l];
         for (int64_t p = 0; p < n_positions; p++) {
             int64_t latent = selected[p];
-            if (owner(latent, nt) == job->thread && values[p] > 0)
+            if (owner(latent, nt) == job->thread && kept(job, values[p]))
                 entries[ends[local(latent, nt)]++] = (int32_t)p;
         }
         int64_t start = 0;
@@ -533,7 +537,7 @@ done:
     return NULL;
 }
 
-int mlsae_sparse_backward(int n_threads, int64_t n_vectors, int64_t width, int64_t k,
+int mlsae_sparse_backward(int n_threads, int skip_nonpositive, int64_t n_vectors, int64_t width, int64_t k,
                           int64_t n_latents, int64_t d, int64_t decoder_stride, int64_t tile,
                           const int64_t *selected, const float *values, const float *direct,
                           const float *grad_main, const float *grad_aux, const float *decoder,
@@ -545,7 +549,7 @@ int mlsae_sparse_backward(int n_threads, int64_t n_vectors, int64_t width, int64
     memset(dvals, 0, n_vectors * width * sizeof(float));
     backward_job jobs[MAX_THREADS];
     for (int t = 0; t < n_threads; t++)
-        jobs[t] = (backward_job){t, n_threads, n_vectors, width, k, n_latents, d, decoder_stride,
+        jobs[t] = (backward_job){t, n_threads, skip_nonpositive, n_vectors, width, k, n_latents, d, decoder_stride,
                                  tile, selected, values, direct, grad_main, grad_aux, decoder, x,
                                  dvals, grad_dec, grad_enc, latent_sums, 0};
     run_jobs(backward_worker, (char *)jobs, sizeof(backward_job), n_threads);

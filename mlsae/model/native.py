@@ -115,7 +115,7 @@ def _load(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.mlsae_topk.argtypes = [ctypes.c_int, *[i64] * 4, *[ptr] * 4]
-    library.mlsae_sparse_backward.argtypes = [ctypes.c_int, *[i64] * 7, *[ptr] * 11]
+    library.mlsae_sparse_backward.argtypes = [*[ctypes.c_int] * 2, *[i64] * 7, *[ptr] * 11]
     for function in (library.mlsae_topk, library.mlsae_sparse_backward):
         function.restype = ctypes.c_int
     library.mlsae_use_openmp.argtypes = [ptr]
@@ -226,12 +226,14 @@ def sparse_backward(
     x: Float[Tensor, "vectors d"] | None,
     direct: Float[Tensor, "vectors width"] | None = None,
     latent_sums: bool = False,
+    skip_nonpositive: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """The fused autoencoder's backward over its selected entries (see `native.c`).
 
-    Entry `(v, i)` has latent `selected[v, i]` and value `values[v, i]` after ReLU; slots
-    `i < k` were decoded with gradient `grad_main[v]`, the rest with `grad_aux[v]`.
-    Entries whose value is not positive are skipped. Returns `(dvals, grad_decoder,
+    Entry `(v, i)` has latent `selected[v, i]` and value `values[v, i]`; slots `i < k`
+    were decoded with gradient `grad_main[v]`, the rest with `grad_aux[v]`. With
+    `skip_nonpositive` (values after ReLU), entries whose value is not positive are
+    skipped; without it every entry counts (a plain decode's backward). Returns `(dvals, grad_decoder,
     grad_encoder, sums)`: each entry's gradient `dot(grad row, decoder[latent]) +
     direct[v, i]` (zero where skipped), the latent-major decoder gradient `sum of value *
     grad row` per latent, the encoder gradient `sum of dvals * x[v]` per latent (None
@@ -257,6 +259,7 @@ def sparse_backward(
     tile = min(tile, (2**31 - 1) // max(width, 1))  # entries of a tile are int32 positions
     status = _library().mlsae_sparse_backward(
         _threads(selected.numel() * d * 3),
+        int(skip_nonpositive),
         n_vectors,
         width,
         k,

@@ -273,3 +273,23 @@ def test_triton_on_cuda(dtype):
         results.append((out, *torch.autograd.grad(out, (values, weight), grad)))
     for actual, expected in zip(*results, strict=True):
         torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
+def test_embedding_bag_backward_with_and_without_the_c_kernel(use_native, monkeypatch):
+    """The CPU backward runs `native.sparse_backward` where the C kernels are compiled
+    (every entry counts, negative values included), else its torch path."""
+    from mlsae.model import native
+
+    if use_native and not native.available():
+        pytest.fail("the C kernels did not compile")
+    if not use_native:
+        monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    generator = torch.Generator().manual_seed(5)
+    n_latents, k = 300, 40  # latents chosen by several vectors, negative values
+    weight = torch.randn(70, n_latents, generator=generator)
+    values = torch.randn(2, 33, k, generator=generator)
+    indices = random_indices((2, 33), k, n_latents, generator)
+    with mock.patch.object(native, "sparse_backward", wraps=native.sparse_backward) as kernel:
+        check("embedding_bag", values, indices, weight)
+    assert kernel.called == use_native
