@@ -167,7 +167,13 @@ class _EmbeddingBagDecode(torch.autograd.Function):
         grad_values = grad_weight = None
         if ctx.native:  # both gradients in one pass over the entries (`mlsae.model.native`)
             dvals, grad_table, _, _ = native.sparse_backward(
-                indices, values, indices.shape[1], grad_out, None, table, None,
+                indices,
+                values,
+                indices.shape[1],
+                grad_out,
+                None,
+                table,
+                None,
                 skip_nonpositive=False,
             )
             if ctx.needs_input_grad[0]:

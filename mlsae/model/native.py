@@ -233,11 +233,12 @@ def sparse_backward(
     Entry `(v, i)` has latent `selected[v, i]` and value `values[v, i]`; slots `i < k`
     were decoded with gradient `grad_main[v]`, the rest with `grad_aux[v]`. With
     `skip_nonpositive` (values after ReLU), entries whose value is not positive are
-    skipped; without it every entry counts (a plain decode's backward). Returns `(dvals, grad_decoder,
-    grad_encoder, sums)`: each entry's gradient `dot(grad row, decoder[latent]) +
-    direct[v, i]` (zero where skipped), the latent-major decoder gradient `sum of value *
-    grad row` per latent, the encoder gradient `sum of dvals * x[v]` per latent (None
-    without `x`) and, with `latent_sums`, each latent's sum of dvals."""
+    skipped; without it every entry counts (a plain decode's backward). Returns `(dvals,
+    grad_decoder, grad_encoder, sums)`: each entry's gradient `dot(grad row,
+    decoder[latent]) + direct[v, i]` (zero where skipped), the latent-major decoder
+    gradient `sum of value * grad row` per latent, the encoder gradient `sum of dvals *
+    x[v]` per latent (None without `x`) and, with `latent_sums`, each latent's sum of
+    dvals."""
     n_vectors, width = selected.shape
     n_latents, d = decoder.shape
     decoder = _rows(decoder)
