@@ -14,6 +14,11 @@ order for all three sparse products:
   that autograd then adds);
 - the encoder's gradient, one segment sum per latent of `grad * input`.
 
+Where few latents are dead (at most `DENSE_AUXK_DEAD_PER_SLOT` per AuxK slot), AuxK's
+entries fill much of the dead latents' columns, and its decode and gradients are dense
+matmuls over those columns instead (`[vectors, n_dead]`, small next to the top-k's
+`[vectors, n_latents]` pre-activations); the sparse pass then takes the top-k alone.
+
 Only the selected latents receive gradient; nothing `[vectors, n_latents]`-sized outlives
 the forward. Gradients equal those of the unfused path to float rounding (the tests check
 both against dense autograd).
@@ -66,6 +71,15 @@ def fused_autoencode(
     )
 
 
+DENSE_AUXK_DEAD_PER_SLOT = 4
+"""AuxK's selection is decoded, and differentiated, as dense products over the dead latents'
+columns where there are at most this many dead latents per AuxK slot (the steady state of
+a run, with about 1% of the latents dead): its entries then fill at least a quarter of
+those columns, and a matmul over all of them beats gathering rows per entry. Measured in
+the training step on two CPU cores (512 inputs, AuxK 256): 8,192 latents with 81 dead and
+32,768 latents with 327 dead (see the README's Performance section)."""
+
+
 class _FusedAutoencode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, bias, encoder_weight, decoder_weight, k, auxk, dead_indices):
@@ -76,11 +90,19 @@ class _FusedAutoencode(torch.autograd.Function):
         values, auxk_values = values.relu(), auxk_values.relu()
         table = _latent_major(decoder_weight)
         decoded = bag_sum(table, indices, values.float()).to(values.dtype)
-        if auxk_indices.shape[1] > 0:
-            auxk_decoded = bag_sum(table, auxk_indices, auxk_values.float())
-            auxk_decoded = auxk_decoded.to(values.dtype)
+        width = auxk_indices.shape[1]
+        dense_auxk = 0 < width and dead_indices.numel() <= DENSE_AUXK_DEAD_PER_SLOT * width
+        if dense_auxk:
+            columns = _dead_columns(auxk_indices, dead_indices, encoder_weight.shape[0])
+            dense = _scatter_columns(auxk_values.float(), columns, dead_indices.numel())
+            auxk_decoded = (dense @ table.index_select(0, dead_indices)).to(values.dtype)
+            ctx.dense_auxk = (dead_indices, columns)
+        elif width > 0:
+            auxk_decoded = bag_sum(table, auxk_indices, auxk_values.float()).to(values.dtype)
+            ctx.dense_auxk = None
         else:
             auxk_decoded = decoded.new_zeros(decoded.shape)
+            ctx.dense_auxk = None
         ctx.save_for_backward(x, encoder_weight, table, values, indices, auxk_values, auxk_indices)
         ctx.dtypes = (inputs.dtype, bias.dtype, encoder_weight.dtype, decoder_weight.dtype)
         ctx.mark_non_differentiable(indices, auxk_indices)
@@ -91,107 +113,236 @@ class _FusedAutoencode(torch.autograd.Function):
     def backward(ctx, grad_values, _, grad_auxk_values, __, grad_decoded, grad_auxk_decoded):
         x, encoder_weight, table, values, indices, auxk_values, auxk_indices = ctx.saved_tensors
         inputs_dtype, bias_dtype, encoder_dtype, decoder_dtype = ctx.dtypes
-        n_vectors, k = indices.shape
-        n_latents = encoder_weight.shape[0]
-        selected = torch.cat([indices, auxk_indices], dim=1)
-        all_values = torch.cat([values, auxk_values], dim=1)
-        width = selected.shape[1]
-        with_auxk = auxk_indices.shape[1] > 0
-        if native.usable(x, table, all_values, encoder_weight):
-            return _native_backward(
-                ctx,
-                selected,
-                all_values,
-                k,
-                grad_values,
-                grad_auxk_values,
-                grad_decoded,
-                grad_auxk_decoded,
-            )
-        # Entries that ReLU zeroed add nothing to any gradient (their values are zero and
-        # so is their own gradient): the order leaves them out.
-        entries = LatentOrder(selected, n_latents, keep=all_values > 0)
-        if grad_decoded is None:
-            grad_decoded = torch.zeros_like(x)
-        # Entry (v, i) was decoded into row v of `decoded` (i < k) or of `auxk_decoded`
-        # (i >= k): row v or n_vectors + v of the stacked gradients.
-        if with_auxk:
-            slots = entries.order - entries.vectors * width
-            grad_rows = entries.vectors + n_vectors * (slots >= k)
-            if grad_auxk_decoded is None:
-                grad_auxk_decoded = torch.zeros_like(grad_decoded)
-            grad_out = torch.cat([grad_decoded, grad_auxk_decoded]).float()
+        needs = _Needs(*ctx.needs_input_grad[:4])
+        if ctx.dense_auxk is not None:  # the sparse pass takes the top-k alone
+            dense_auxk_values, dense_grad_auxk_values = auxk_values, grad_auxk_values
+            auxk_values, auxk_indices = auxk_values[:, :0], auxk_indices[:, :0]
+            grad_auxk_values = grad_auxk_decoded_sparse = None
         else:
-            grad_rows, grad_out = entries.vectors, grad_decoded.float()
-        sorted_values = all_values.reshape(-1).index_select(0, entries.order).float()
-
-        # d loss / d value of each kept entry, in latent order: through the decode, plus any
-        # gradient that reached the returned values directly.
-        grad_entries = entries.sorted_row_dots(grad_out, table, grad_rows)
-        direct = _direct_gradients(grad_values, grad_auxk_values, values, auxk_values)
-        if direct is not None:
-            grad_entries += direct.reshape(-1).index_select(0, entries.order)
-
-        grad_inputs = grad_bias = grad_encoder = grad_decoder = None
-        if ctx.needs_input_grad[3]:
-            grad_decoder = bag_sum(grad_out, grad_rows, sorted_values, entries.offsets)
-            grad_decoder = grad_decoder.t().to(decoder_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_encoder = bag_sum(x.float(), entries.vectors, grad_entries, entries.offsets)
-            grad_encoder = grad_encoder.to(encoder_dtype)
-        weight = encoder_weight.float()
-        if ctx.needs_input_grad[0]:
-            in_vector_order = grad_entries.new_zeros(selected.numel())
-            in_vector_order.index_copy_(0, entries.order, grad_entries)
-            grad_x = torch.nn.functional.embedding_bag(
-                selected,
-                weight,
-                per_sample_weights=in_vector_order.view(n_vectors, width),
-                mode="sum",
+            grad_auxk_decoded_sparse = grad_auxk_decoded
+        sparse = (
+            native_sparse_gradients
+            if native.usable(x, table, values, encoder_weight)
+            else torch_sparse_gradients
+        )
+        grads = sparse(
+            needs,
+            _Selection(x, encoder_weight, table, values, indices, auxk_values, auxk_indices),
+            grad_values,
+            grad_auxk_values,
+            grad_decoded,
+            grad_auxk_decoded_sparse,
+        )
+        if ctx.dense_auxk is not None and (
+            grad_auxk_decoded is not None or dense_grad_auxk_values is not None
+        ):
+            dead_indices, columns = ctx.dense_auxk
+            grads = _add_dense_auxk(
+                needs,
+                grads,
+                _Selection(x, encoder_weight, table, None, None, dense_auxk_values, columns),
+                dead_indices,
+                grad_auxk_decoded,
+                dense_grad_auxk_values,
             )
-            grad_inputs = grad_x.to(inputs_dtype)
-            if ctx.needs_input_grad[1]:
-                grad_bias = (-grad_x.sum(0)).to(bias_dtype)
-        elif ctx.needs_input_grad[1]:
-            grad_bias = bias_gradient(entries.latents, grad_entries, weight).to(bias_dtype)
+        grad_x, grad_bias, grad_encoder, grad_decoder = grads
+        grad_inputs = grad_x.to(inputs_dtype) if needs.inputs else None
+        if needs.bias:
+            grad_bias = (-grad_x.sum(0) if needs.inputs else grad_bias).to(bias_dtype)
+        grad_encoder = grad_encoder.to(encoder_dtype) if needs.encoder else None
+        grad_decoder = grad_decoder.t().to(decoder_dtype) if needs.decoder else None
         return grad_inputs, grad_bias, grad_encoder, grad_decoder, None, None, None
 
 
-def _native_backward(
-    ctx, selected, all_values, k, grad_values, grad_auxk_values, grad_decoded, grad_auxk_decoded
-):
-    """`_FusedAutoencode.backward` by `native.sparse_backward`, for fp32 CPU tensors: one
-    kernel computes the entries' gradients and the decoder's and encoder's."""
-    x, encoder_weight, table, values, _, auxk_values, _ = ctx.saved_tensors
-    inputs_dtype, bias_dtype, encoder_dtype, decoder_dtype = ctx.dtypes
-    grad_main = torch.zeros_like(x) if grad_decoded is None else grad_decoded.float()
-    grad_aux = torch.zeros_like(x) if grad_auxk_decoded is None else grad_auxk_decoded.float()
+class _Needs(NamedTuple):
+    """Which of the fused function's tensors need a gradient."""
+
+    inputs: bool
+    bias: bool
+    encoder: bool
+    decoder: bool
+
+
+class _Selection(NamedTuple):
+    """What the backward passes read: the encoded vectors, the weights and the selection."""
+
+    x: Tensor
+    encoder_weight: Tensor
+    table: Tensor
+    values: Tensor | None
+    indices: Tensor | None
+    auxk_values: Tensor
+    auxk_indices: Tensor
+    """Latent indices, or for the dense AuxK pass, columns among the dead latents."""
+
+
+class _Gradients(NamedTuple):
+    """Gradients in fp32: the encoded vectors' (the inputs'; None unless needed), the
+    bias's where the inputs need none (else None), the encoder's and the latent-major
+    decoder's (None unless needed)."""
+
+    x: Tensor | None
+    bias: Tensor | None
+    encoder: Tensor | None
+    decoder: Tensor | None
+
+
+def _dead_columns(auxk_indices: Tensor, dead_indices: Tensor, n_latents: int) -> Tensor:
+    """Each AuxK entry's column among `dead_indices` (unique latents)."""
+    column_of = torch.zeros(n_latents, dtype=torch.long, device=dead_indices.device)
+    column_of[dead_indices] = torch.arange(dead_indices.numel(), device=dead_indices.device)
+    return column_of[auxk_indices]
+
+
+def _scatter_columns(values: Tensor, columns: Tensor, n_columns: int) -> Tensor:
+    return values.new_zeros((values.shape[0], n_columns)).scatter_(1, columns, values)
+
+
+def _add_dense_auxk(
+    needs: _Needs,
+    grads: _Gradients,
+    selection: _Selection,
+    dead_indices: Tensor,
+    grad_auxk_decoded: Tensor | None,
+    grad_auxk_values: Tensor | None,
+) -> _Gradients:
+    """`grads` plus the AuxK selection's gradients, by dense products over the dead
+    latents' columns: the entries' gradients `grad_auxk_decoded @ decoder[dead].T` (plus
+    the direct ones), zero where the selection is not positive, then one matmul each for
+    the decoder's, the encoder's and the inputs' gradients."""
+    x, encoder_weight, table, _, _, values, columns = selection
+    n_dead = dead_indices.numel()
+    kept = values > 0  # entries ReLU zeroed, or NaN, add nothing (as in the sparse pass)
+    dense_values = _scatter_columns(torch.where(kept, values, 0).float(), columns, n_dead)
+    if grad_auxk_decoded is None:
+        grad_entries = dense_values.new_zeros(dense_values.shape)
+    else:
+        grad_auxk_decoded = grad_auxk_decoded.float()
+        grad_entries = grad_auxk_decoded @ table.index_select(0, dead_indices).t()
+    if grad_auxk_values is not None:
+        grad_entries.scatter_add_(1, columns, grad_auxk_values.float())
+    keep = torch.zeros_like(dense_values, dtype=torch.bool).scatter_(1, columns, kept)
+    grad_entries = grad_entries.masked_fill_(~keep, 0)
+    grad_x, grad_bias, grad_encoder, grad_decoder = grads
+    if needs.decoder and grad_auxk_decoded is not None:
+        grad_decoder = grad_decoder.index_add_(
+            0, dead_indices, dense_values.t() @ grad_auxk_decoded
+        )
+    if needs.encoder:
+        grad_encoder = grad_encoder.index_add_(0, dead_indices, grad_entries.t() @ x.float())
+    dead_weight = encoder_weight.index_select(0, dead_indices).float()
+    if needs.inputs:
+        grad_x = grad_x + grad_entries @ dead_weight
+    elif needs.bias:
+        grad_bias = grad_bias - grad_entries.sum(0) @ dead_weight
+    return _Gradients(grad_x, grad_bias, grad_encoder, grad_decoder)
+
+
+def torch_sparse_gradients(
+    needs: _Needs,
+    selection: _Selection,
+    grad_values: Tensor | None,
+    grad_auxk_values: Tensor | None,
+    grad_decoded: Tensor | None,
+    grad_auxk_decoded: Tensor | None,
+) -> _Gradients:
+    """The sparse backward with torch operations: one latent order of the kept entries
+    for the values', the decoder's and the encoder's gradients."""
+    x, encoder_weight, table, values, indices, auxk_values, auxk_indices = selection
+    n_vectors, k = indices.shape
+    n_latents = encoder_weight.shape[0]
+    selected = torch.cat([indices, auxk_indices], dim=1)
+    all_values = torch.cat([values, auxk_values], dim=1)
+    width = selected.shape[1]
+    # Entries that ReLU zeroed add nothing to any gradient (their values are zero and
+    # so is their own gradient): the order leaves them out.
+    entries = LatentOrder(selected, n_latents, keep=all_values > 0)
+    if grad_decoded is None:
+        grad_decoded = torch.zeros_like(x)
+    # Entry (v, i) was decoded into row v of `decoded` (i < k) or of `auxk_decoded`
+    # (i >= k): row v or n_vectors + v of the stacked gradients.
+    if auxk_indices.shape[1] > 0:
+        slots = entries.order - entries.vectors * width
+        grad_rows = entries.vectors + n_vectors * (slots >= k)
+        if grad_auxk_decoded is None:
+            grad_auxk_decoded = torch.zeros_like(grad_decoded)
+        grad_out = torch.cat([grad_decoded, grad_auxk_decoded]).float()
+    else:
+        grad_rows, grad_out = entries.vectors, grad_decoded.float()
+    sorted_values = all_values.reshape(-1).index_select(0, entries.order).float()
+
+    # d loss / d value of each kept entry, in latent order: through the decode, plus any
+    # gradient that reached the returned values directly.
+    grad_entries = entries.sorted_row_dots(grad_out, table, grad_rows)
     direct = _direct_gradients(grad_values, grad_auxk_values, values, auxk_values)
-    needs_inputs, needs_bias, needs_encoder, needs_decoder = ctx.needs_input_grad[:4]
+    if direct is not None:
+        grad_entries += direct.reshape(-1).index_select(0, entries.order)
+
+    grad_x = grad_bias = grad_encoder = grad_decoder = None
+    if needs.decoder:
+        grad_decoder = bag_sum(grad_out, grad_rows, sorted_values, entries.offsets)
+    if needs.encoder:
+        grad_encoder = bag_sum(x.float(), entries.vectors, grad_entries, entries.offsets)
+    weight = encoder_weight.float()
+    if needs.inputs:
+        in_vector_order = grad_entries.new_zeros(selected.numel())
+        in_vector_order.index_copy_(0, entries.order, grad_entries)
+        grad_x = torch.nn.functional.embedding_bag(
+            selected,
+            weight,
+            per_sample_weights=in_vector_order.view(n_vectors, width),
+            mode="sum",
+        )
+    elif needs.bias:
+        grad_bias = bias_gradient(entries.latents, grad_entries, weight)
+    return _Gradients(grad_x, grad_bias, grad_encoder, grad_decoder)
+
+
+def native_sparse_gradients(
+    needs: _Needs,
+    selection: _Selection,
+    grad_values: Tensor | None,
+    grad_auxk_values: Tensor | None,
+    grad_decoded: Tensor | None,
+    grad_auxk_decoded: Tensor | None,
+) -> _Gradients:
+    """The sparse backward by `native.sparse_backward`, for fp32 CPU tensors: one kernel
+    computes the entries' gradients and the decoder's and encoder's."""
+    x, encoder_weight, table, values, indices, auxk_values, auxk_indices = selection
+    selected = torch.cat([indices, auxk_indices], dim=1)
+    all_values = torch.cat([values, auxk_values], dim=1)
+    grad_main = torch.zeros_like(x) if grad_decoded is None else grad_decoded.float()
+    if auxk_indices.shape[1] == 0:
+        grad_aux = None
+    elif grad_auxk_decoded is None:
+        grad_aux = torch.zeros_like(x)
+    else:
+        grad_aux = grad_auxk_decoded.float()
+    direct = _direct_gradients(grad_values, grad_auxk_values, values, auxk_values)
     dvals, grad_decoder, grad_encoder, latent_sums = native.sparse_backward(
         selected,
         all_values,
-        k,
+        indices.shape[1],
         grad_main,
         grad_aux,
         table,
-        x if needs_encoder else None,
+        x if needs.encoder else None,
         direct,
-        latent_sums=needs_bias and not needs_inputs,
+        latent_sums=needs.bias and not needs.inputs,
     )
-    grad_inputs = grad_bias = None
-    if needs_inputs:
+    grad_x = grad_bias = None
+    if needs.inputs:
         grad_x = torch.nn.functional.embedding_bag(
             selected, encoder_weight, per_sample_weights=dvals, mode="sum"
         )
-        grad_inputs = grad_x.to(inputs_dtype)
-        if needs_bias:
-            grad_bias = (-grad_x.sum(0)).to(bias_dtype)
-    elif needs_bias:
-        grad_bias = (-(latent_sums @ encoder_weight)).to(bias_dtype)
-    grad_decoder = grad_decoder.t().to(decoder_dtype) if needs_decoder else None
-    grad_encoder = grad_encoder.to(encoder_dtype) if needs_encoder else None
-    return grad_inputs, grad_bias, grad_encoder, grad_decoder, None, None, None
+    elif needs.bias:
+        grad_bias = -(latent_sums @ encoder_weight)
+    return _Gradients(
+        grad_x,
+        grad_bias,
+        grad_encoder if needs.encoder else None,
+        grad_decoder if needs.decoder else None,
+    )
 
 
 def _direct_gradients(grad_values, grad_auxk_values, values, auxk_values) -> Tensor | None:

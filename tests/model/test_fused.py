@@ -23,7 +23,7 @@ def _loss_weights(seed: int, *shapes):
     return [torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in shapes]
 
 
-@pytest.mark.parametrize("n_dead", [0, 5, 40])
+@pytest.mark.parametrize("n_dead", [0, 5, 20, 40])  # dense AuxK up to 32
 @pytest.mark.parametrize("inputs_grad", [False, True])
 @pytest.mark.parametrize("mostly_negative", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -195,3 +195,30 @@ def test_under_cpu_autocast_fused_and_plain_paths_agree(monkeypatch):
     torch.testing.assert_close(fused_out.recons, plain_out.recons)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize(("n_dead", "dense"), [(20, True), (32, True), (33, False)])
+def test_auxk_over_few_dead_latents_takes_dense_products(n_dead, dense, monkeypatch):
+    """With at most `DENSE_AUXK_DEAD_PER_SLOT` dead latents per AuxK slot, AuxK's decode
+    and gradients are matmuls over the dead columns; they equal the sparse pass's."""
+    from unittest import mock
+
+    from mlsae.model import fused
+
+    inputs, bias, encoder, decoder = (t.float() for t in _problem(n_dead))
+    dead = torch.randperm(96, generator=torch.Generator().manual_seed(2))[:n_dead]
+    weights = _loss_weights(n_dead, (23, 12), (23, 12), (23, 8))
+    results = {}
+    for per_slot in (fused.DENSE_AUXK_DEAD_PER_SLOT, 0):  # 0: always sparse
+        monkeypatch.setattr(fused, "DENSE_AUXK_DEAD_PER_SLOT", per_slot)
+        leaves = [t.clone().requires_grad_() for t in (inputs, bias, encoder, decoder)]
+        with mock.patch.object(fused, "_add_dense_auxk", wraps=fused._add_dense_auxk) as spy:
+            out = fused_autoencode(*leaves, 6, 8, dead)
+            loss = (out.decoded * weights[0]).sum() + (out.auxk_decoded * weights[1]).sum()
+            (loss + (out.auxk.values * weights[2].float()).sum()).backward()
+        assert spy.called == (dense and per_slot > 0)
+        results[per_slot] = (out.auxk_decoded.detach(), [leaf.grad for leaf in leaves])
+    (dense_decoded, dense_grads), (sparse_decoded, sparse_grads) = results.values()
+    torch.testing.assert_close(dense_decoded, sparse_decoded)
+    for ours, theirs in zip(dense_grads, sparse_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
