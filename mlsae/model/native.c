@@ -24,13 +24,24 @@
 
 #define MAX_THREADS 256
 
-typedef float vec16 __attribute__((vector_size(64)));
-static inline vec16 load16(const float *p) {
-    vec16 v;
+/* The widest vector of floats the target has registers for. Wider GCC vectors are split
+ * into registers by the compiler, badly: on AVX2, 16-float vectors went through the stack
+ * and made the backward 7x slower. */
+#if defined(__AVX512F__)
+#define VEC_FLOATS 16
+#elif defined(__AVX__)
+#define VEC_FLOATS 8
+#else
+#define VEC_FLOATS 4
+#endif
+typedef float vec __attribute__((vector_size(VEC_FLOATS * sizeof(float))));
+static inline vec load_vec(const float *p) {
+    vec v;
     memcpy(&v, p, sizeof v);
     return v;
 }
-static inline void store16(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
+static inline void store_vec(float *p, vec v) { memcpy(p, &v, sizeof v); }
+static inline vec broadcast(float x) { return (vec){0} + x; }
 
 static inline void prefetch_span(const float *start, int64_t n_floats) {
     const char *bytes = (const char *)start;
@@ -384,42 +395,42 @@ static inline int kept(const backward_job *job, float value) {
 }
 
 #define CHUNK_ENTRIES 256
-#define BWD_BLOCK 4 /* vec16 registers per column block: 64 columns */
+#define BWD_BLOCK 4 /* vector registers per column block: 64 columns with AVX-512 */
 
 /* Up to CHUNK_ENTRIES entries of one latent in one tile: their rows of the gradient and of
  * x, their values and direct gradients; backward_chunk fills in their dvals. */
 typedef struct {
     const float *grad[CHUNK_ENTRIES], *x[CHUNK_ENTRIES];
     float value[CHUNK_ENTRIES], direct[CHUNK_ENTRIES], dval[CHUNK_ENTRIES];
-    vec16 partial[CHUNK_ENTRIES];
+    vec partial[CHUNK_ENTRIES];
 } chunk_t;
 
 static void backward_chunk(chunk_t *c, int n, int64_t d, const float *decoder_row, float *dec_out,
                            float *enc_out, int accumulate) {
-    const int64_t blocked = d / (16 * BWD_BLOCK) * (16 * BWD_BLOCK);
-    for (int e = 0; e < n; e++) c->partial[e] = (vec16){0};
-    for (int64_t col = 0; col < blocked; col += 16 * BWD_BLOCK) {
-        vec16 w[BWD_BLOCK], acc[BWD_BLOCK];
+    const int64_t blocked = d / (VEC_FLOATS * BWD_BLOCK) * (VEC_FLOATS * BWD_BLOCK);
+    for (int e = 0; e < n; e++) c->partial[e] = (vec){0};
+    for (int64_t col = 0; col < blocked; col += VEC_FLOATS * BWD_BLOCK) {
+        vec w[BWD_BLOCK], acc[BWD_BLOCK];
         for (int u = 0; u < BWD_BLOCK; u++) {
-            w[u] = load16(decoder_row + col + 16 * u);
-            acc[u] = accumulate ? load16(dec_out + col + 16 * u) : (vec16){0};
+            w[u] = load_vec(decoder_row + col + VEC_FLOATS * u);
+            acc[u] = accumulate ? load_vec(dec_out + col + VEC_FLOATS * u) : (vec){0};
         }
         for (int e = 0; e < n; e++) {
             const float *g = c->grad[e] + col;
-            const vec16 value = (vec16){0} + c->value[e];
-            vec16 part = c->partial[e];
+            const vec value = broadcast(c->value[e]);
+            vec part = c->partial[e];
             for (int u = 0; u < BWD_BLOCK; u++) {
-                vec16 gu = load16(g + 16 * u);
+                vec gu = load_vec(g + VEC_FLOATS * u);
                 part += gu * w[u];
                 acc[u] += value * gu;
             }
             c->partial[e] = part;
         }
-        for (int u = 0; u < BWD_BLOCK; u++) store16(dec_out + col + 16 * u, acc[u]);
+        for (int u = 0; u < BWD_BLOCK; u++) store_vec(dec_out + col + VEC_FLOATS * u, acc[u]);
     }
     for (int e = 0; e < n; e++) {
         float dval = 0;
-        for (int u = 0; u < 16; u++) dval += c->partial[e][u];
+        for (int u = 0; u < VEC_FLOATS; u++) dval += c->partial[e][u];
         for (int64_t j = blocked; j < d; j++) dval = __builtin_fmaf(c->grad[e][j], decoder_row[j], dval);
         c->dval[e] = dval + c->direct[e];
     }
@@ -429,15 +440,15 @@ static void backward_chunk(chunk_t *c, int n, int64_t d, const float *decoder_ro
         dec_out[j] = acc;
     }
     if (!enc_out) return;
-    for (int64_t col = 0; col < blocked; col += 16 * BWD_BLOCK) {
-        vec16 acc[BWD_BLOCK];
+    for (int64_t col = 0; col < blocked; col += VEC_FLOATS * BWD_BLOCK) {
+        vec acc[BWD_BLOCK];
         for (int u = 0; u < BWD_BLOCK; u++)
-            acc[u] = accumulate ? load16(enc_out + col + 16 * u) : (vec16){0};
+            acc[u] = accumulate ? load_vec(enc_out + col + VEC_FLOATS * u) : (vec){0};
         for (int e = 0; e < n; e++) {
-            const vec16 dval = (vec16){0} + c->dval[e];
-            for (int u = 0; u < BWD_BLOCK; u++) acc[u] += dval * load16(c->x[e] + col + 16 * u);
+            const vec dval = broadcast(c->dval[e]);
+            for (int u = 0; u < BWD_BLOCK; u++) acc[u] += dval * load_vec(c->x[e] + col + VEC_FLOATS * u);
         }
-        for (int u = 0; u < BWD_BLOCK; u++) store16(enc_out + col + 16 * u, acc[u]);
+        for (int u = 0; u < BWD_BLOCK; u++) store_vec(enc_out + col + VEC_FLOATS * u, acc[u]);
     }
     for (int64_t j = blocked; j < d; j++) {
         float acc = accumulate ? enc_out[j] : 0;
