@@ -43,6 +43,27 @@ static inline vec load_vec(const float *p) {
 static inline void store_vec(float *p, vec v) { memcpy(p, &v, sizeof v); }
 static inline vec broadcast(float x) { return (vec){0} + x; }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* AVX2 has no compress-store: compress8 packs the lanes of a mask to the front by a
+ * permutation looked up by the mask, and stores all 8 lanes (the caller leaves room). */
+static int32_t compress_permutations[256][8];
+__attribute__((constructor)) static void fill_compress_permutations(void) {
+    for (int mask = 0; mask < 256; mask++) {
+        int n = 0;
+        for (int lane = 0; lane < 8; lane++)
+            if (mask >> lane & 1) compress_permutations[mask][n++] = lane;
+        while (n < 8) compress_permutations[mask][n++] = 0;
+    }
+}
+static inline int compress8(float *values_out, int32_t *positions_out, __m256 values,
+                            __m256i positions, int mask) {
+    const __m256i permutation = _mm256_loadu_si256((const __m256i *)compress_permutations[mask]);
+    _mm256_storeu_ps(values_out, _mm256_permutevar8x32_ps(values, permutation));
+    _mm256_storeu_si256((__m256i *)positions_out, _mm256_permutevar8x32_epi32(positions, permutation));
+    return __builtin_popcount(mask);
+}
+#endif
+
 static inline void prefetch_span(const float *start, int64_t n_floats) {
     const char *bytes = (const char *)start;
     for (int64_t b = 0; b < n_floats * (int64_t)sizeof(float); b += 64) __builtin_prefetch(bytes + b);
@@ -154,9 +175,9 @@ typedef struct {
     int64_t cap;
 } scratch_t;
 
-/* Reorders v[0..m) (with ix) so that v[0..k) are its k largest. With AVX-512 a quickselect
- * whose partitions split each block of 16 three ways (above, equal to, below the pivot)
- * by compress-stores, without branches. */
+/* Reorders v[0..m) (with ix) so that v[0..k) are its k largest. With AVX-512 (AVX2) a
+ * quickselect whose partitions split each block of 16 (8) three ways (above, equal to,
+ * below the pivot) by compress-stores, without branches. */
 static void keep_largest(float *v, int32_t *ix, int64_t m, int64_t k, const scratch_t *scratch) {
 #if defined(__AVX512F__)
     float *gv = scratch->values, *ev = gv + scratch->cap, *lv = ev + scratch->cap;
@@ -187,6 +208,57 @@ static void keep_largest(float *v, int32_t *ix, int64_t m, int64_t k, const scra
             ng += __builtin_popcount(above);
             ne += __builtin_popcount(equal);
             nl += __builtin_popcount(below);
+        }
+        memcpy(cv, gv, ng * sizeof(float));
+        memcpy(ci, gi, ng * sizeof(int32_t));
+        memcpy(cv + ng, ev, ne * sizeof(float));
+        memcpy(ci + ng, ei, ne * sizeof(int32_t));
+        memcpy(cv + ng + ne, lv, nl * sizeof(float));
+        memcpy(ci + ng + ne, li, nl * sizeof(int32_t));
+        if (need <= ng) {
+            m = start + ng;
+        } else if (need <= ng + ne) {
+            return;
+        } else {
+            start += ng + ne;
+            need -= ng + ne;
+        }
+    }
+    if (need < m - start) select_scalar(v + start, ix + start, m - start, need);
+#elif defined(__AVX2__)
+    float *gv = scratch->values, *ev = gv + scratch->cap, *lv = ev + scratch->cap;
+    int32_t *gi = scratch->positions, *ei = gi + scratch->cap, *li = ei + scratch->cap;
+    int64_t start = 0, need = k;
+    while (m - start > 64) {
+        float *cv = v + start;
+        int32_t *ci = ix + start;
+        const int64_t cm = m - start;
+        float a = cv[0], b = cv[cm / 2], c = cv[cm - 1];
+        const float pivot = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
+        if (pivot != pivot) break; /* NaN: left to the scalar quickselect */
+        const __m256 pv = _mm256_set1_ps(pivot);
+        int64_t ng = 0, ne = 0, nl = 0, j = 0;
+        for (; j + 8 <= cm; j += 8) {
+            const __m256 x = _mm256_loadu_ps(cv + j);
+            const __m256i p = _mm256_loadu_si256((const __m256i *)(ci + j));
+            const int above = _mm256_movemask_ps(_mm256_cmp_ps(x, pv, _CMP_GT_OQ));
+            const int equal = _mm256_movemask_ps(_mm256_cmp_ps(x, pv, _CMP_EQ_OQ));
+            ng += compress8(gv + ng, gi + ng, x, p, above);
+            ne += compress8(ev + ne, ei + ne, x, p, equal);
+            nl += compress8(lv + nl, li + nl, x, p, 0xFF & ~above & ~equal);
+        }
+        for (; j < cm; j++) {
+            const float x = cv[j];
+            if (x > pivot) {
+                gv[ng] = x;
+                gi[ng++] = ci[j];
+            } else if (x == pivot) {
+                ev[ne] = x;
+                ei[ne++] = ci[j];
+            } else {
+                lv[nl] = x;
+                li[nl++] = ci[j];
+            }
         }
         memcpy(cv, gv, ng * sizeof(float));
         memcpy(ci, gi, ng * sizeof(int32_t));
@@ -236,7 +308,8 @@ static inline int any_above(const float *p, float t) {
  * cutting it back to its k largest whenever it holds 2k or more, which raises *threshold.
  * The buffer has room for 2k + 16 entries. Returns the new m, or -1 when the row holds a
  * NaN. With AVX-512, each block of 16 is compared and its passing elements appended by
- * one compress-store, without branches. */
+ * one compress-store, without branches; with AVX2, the same by 8 with compress8 (the
+ * buffer's 16 spare entries take its full stores). */
 static int64_t scan_row(const float *row, int64_t start, int64_t n, int64_t k, float *threshold,
                         float *buffer, int32_t *positions, int64_t m, const scratch_t *scratch) {
     float t = *threshold;
@@ -261,6 +334,27 @@ static int64_t scan_row(const float *row, int64_t start, int64_t n, int64_t k, f
         }
     }
 #else
+#if defined(__AVX2__)
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 tv = _mm256_set1_ps(t);
+    for (; start + 16 <= n; start += 16) {
+        if (__builtin_expect(!any_above(row + start, t), 1)) continue;
+        for (int64_t j = start; j < start + 16; j += 8) {
+            const __m256 v = _mm256_loadu_ps(row + j);
+            const int above = _mm256_movemask_ps(_mm256_cmp_ps(v, tv, _CMP_NLE_UQ));
+            if (!above) continue;
+            if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))) return -1;
+            const __m256i index = _mm256_add_epi32(_mm256_set1_epi32((int32_t)j), lanes);
+            m += compress8(buffer + m, positions + m, v, index, above);
+            if (m >= 2 * k) {
+                keep_largest(buffer, positions, m, k, scratch);
+                m = k;
+                t = smallest(buffer, k);
+                tv = _mm256_set1_ps(t);
+            }
+        }
+    }
+#endif
     for (int64_t j = start; j < n; j += 16) {
         const int64_t stop = j + 16 < n ? j + 16 : n;
         if (stop - j == 16 && __builtin_expect(!any_above(row + j, t), 1)) continue;
