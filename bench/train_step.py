@@ -14,7 +14,11 @@ at full size) and with half of them dead. Implementations:
 - "floor": the encoder matmul plus one fused Adam step over the same parameters;
   "floor_prealloc" the same with the matmul writing into a preallocated output (no page
   faults), and "matmul" the matmul alone.
-- "decode": our decode forward + backward alone (top-k, plus AuxK's when latents are dead).
+- "decode": our public `decode` forward + backward alone, once for the top-k and once for
+  AuxK's selection when latents are dead.
+- "step_decode": the decode as our step runs it (`fused.decode_selections`, then the
+  fused backward's values' and decoder's gradients, without the encoder's): both
+  selections in one sparse pass, AuxK's as dense products where few latents are dead.
 
 All run in one process with the same thread count, alternating within every repeat; each
 time is the median of `--repeats` after `--warmup` untimed rounds, and each ratio the
@@ -47,7 +51,9 @@ from bench.common import (  # noqa: E402
 )
 from bench.reference import ReferenceSAE, reference_step  # noqa: E402
 from mlsae.model.autoencoder import MLSAE, maintain_decoder  # noqa: E402
+from mlsae.model import fused, native  # noqa: E402
 from mlsae.model.decoder import decode  # noqa: E402
+from mlsae.model.encoder import select_latents  # noqa: E402
 from mlsae.model.losses import auxk_loss, layerwise_fvu  # noqa: E402
 from mlsae.model.optim import make_adam  # noqa: E402
 from mlsae.model.types import TopK  # noqa: E402
@@ -219,6 +225,39 @@ def make_decode(encoder, decoder, flat, dead, k, auxk):
     return run
 
 
+def make_step_decode(encoder, decoder, flat, dead, k, auxk):
+    """The decode forward + backward as `fused_autoencode` runs it inside our step, on the
+    step's selections: the forward of `fused.decode_selections`, then the sparse pass for
+    the values' and the decoder's gradients (no encoder gradient: that is the encoder's
+    backward), plus the dense AuxK products where the forward took them."""
+    dead_indices = dead.nonzero().squeeze(-1)
+    values, indices, auxk_values, auxk_indices = select_latents(
+        flat, encoder, k, auxk, dead_indices if dead_indices.numel() else None
+    )
+    topk = TopK(values.relu(), indices)
+    aux = TopK(auxk_values.relu(), auxk_indices)
+    table = decoder.t().contiguous()  # latent-major, as MLSAE stores it
+    grad, grad_aux = torch.randn_like(flat), torch.randn_like(flat)
+    needs = fused.Needs(inputs=False, bias=False, encoder=False, decoder=True)
+    sparse = (
+        fused.native_sparse_gradients
+        if native.usable(flat, table)
+        else fused.torch_sparse_gradients
+    )
+
+    def run() -> None:
+        _, _, dense_auxk = fused.decode_selections(table, topk, aux, dead_indices)
+        sparse_aux = aux if dense_auxk is None else TopK(aux.values[:, :0], aux.indices[:, :0])
+        selection = fused.Selection(flat, encoder, table, *topk, *sparse_aux)
+        grads = sparse(needs, selection, None, None, grad, grad_aux)
+        if dense_auxk is not None:
+            dead_columns, columns = dense_auxk
+            dense_selection = fused.Selection(flat, encoder, table, None, None, aux.values, columns)
+            fused.add_dense_auxk_gradients(needs, grads, dense_selection, dead_columns, grad_aux, None)
+
+    return run
+
+
 def memory_child(shape_index: int, dead_fraction: float, seed: int) -> None:
     x, encoder, decoder, bias, dead, k, auxk = setup(shape_index, dead_fraction, seed)
     model = make_mlsae(encoder, decoder, bias, dead, k, auxk)
@@ -272,6 +311,8 @@ def build_functions(names, x, encoder, decoder, bias, dead, k, auxk):
         functions["sparsify"] = lambda c=coder, o=opt: sparsify_step(c, o, flat, dead)
     if "decode" in names:
         functions["decode"] = make_decode(encoder, decoder, flat, dead, k, auxk)
+    if "step_decode" in names:
+        functions["step_decode"] = make_step_decode(encoder, decoder, flat, dead, k, auxk)
     return functions, keep
 
 
@@ -289,7 +330,7 @@ def main() -> None:
     except ImportError:
         have_sparsify = False
 
-    names = ["mlsae", "dense", "original", "sparsify", "floor", "matmul", "decode"]
+    names = ["mlsae", "dense", "original", "sparsify", "floor", "matmul", "decode", "step_decode"]
     if not have_sparsify:
         names.remove("sparsify")
     if args.only:
@@ -354,20 +395,25 @@ def print_table(rows: list[dict]) -> None:
                 f"| {row['n_latents']} | {row['n_vectors']} | {row['dead_fraction']:.0%} | {name}"
                 f" | {timing['median_s'] * 1e3:.0f} | {' | '.join(ratios)} |"
             )
-    print("\n| latents | dead | decode share of step | peak MiB | allowance MiB | peak/allow |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| latents | dead | step's decode share | decode() share | peak MiB | allowance MiB"
+        " | peak/allow |\n|---|---|---|---|---|---|---|"
+    )
     for row in rows:
         timings = row["timings"]
-        share = "-"
-        if "decode" in timings and "mlsae" in timings:
-            share = f"{paired_ratio(timings, 'decode', 'mlsae'):.1%}"
+        shares = [
+            f"{paired_ratio(timings, name, 'mlsae'):.1%}"
+            if name in timings and "mlsae" in timings
+            else "-"
+            for name in ("step_decode", "decode")
+        ]
         memory = row["memory"]
         if memory:
             peak, allowance = memory["peak_bytes"] / 2**20, memory["allowance_bytes"] / 2**20
             mem = f"{peak:.0f} | {allowance:.0f} | {peak / allowance:.2f}"
         else:
             mem = "- | - | -"
-        print(f"| {row['n_latents']} | {row['dead_fraction']:.0%} | {share} | {mem} |")
+        print(f"| {row['n_latents']} | {row['dead_fraction']:.0%} | {' | '.join(shares)} | {mem} |")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,31 @@ the training step on two CPU cores (512 inputs, AuxK 256): 8,192 latents with 81
 32,768 latents with 327 dead (see the README's Performance section)."""
 
 
+def decode_selections(
+    table: Float[Tensor, "n_latents n_inputs"],
+    topk: TopK,
+    auxk: TopK,
+    dead_indices: Int[Tensor, " n_dead"] | None,
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """The fused forward's decode of both selections from the latent-major decoder `table`:
+    `(decoded, auxk_decoded, dense_auxk)`, where `dense_auxk` is `(dead_indices, columns)`
+    (each AuxK entry's column among the dead latents) where AuxK was decoded by a dense
+    product over the dead latents' columns (see `DENSE_AUXK_DEAD_PER_SLOT`), else None."""
+    values, indices = topk
+    decoded = bag_sum(table, indices, values.float()).to(values.dtype)
+    width = auxk.indices.shape[1]
+    if 0 < width and dead_indices.numel() <= DENSE_AUXK_DEAD_PER_SLOT * width:
+        columns = _dead_columns(auxk.indices, dead_indices, table.shape[0])
+        dense = _scatter_columns(auxk.values.float(), columns, dead_indices.numel())
+        auxk_decoded = (dense @ table.index_select(0, dead_indices)).to(values.dtype)
+        return decoded, auxk_decoded, (dead_indices, columns)
+    if width > 0:
+        auxk_decoded = bag_sum(table, auxk.indices, auxk.values.float()).to(values.dtype)
+    else:
+        auxk_decoded = decoded.new_zeros(decoded.shape)
+    return decoded, auxk_decoded, None
+
+
 class _FusedAutoencode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, bias, encoder_weight, decoder_weight, k, auxk, dead_indices):
@@ -89,20 +114,9 @@ class _FusedAutoencode(torch.autograd.Function):
         )
         values, auxk_values = values.relu(), auxk_values.relu()
         table = _latent_major(decoder_weight)
-        decoded = bag_sum(table, indices, values.float()).to(values.dtype)
-        width = auxk_indices.shape[1]
-        dense_auxk = 0 < width and dead_indices.numel() <= DENSE_AUXK_DEAD_PER_SLOT * width
-        if dense_auxk:
-            columns = _dead_columns(auxk_indices, dead_indices, encoder_weight.shape[0])
-            dense = _scatter_columns(auxk_values.float(), columns, dead_indices.numel())
-            auxk_decoded = (dense @ table.index_select(0, dead_indices)).to(values.dtype)
-            ctx.dense_auxk = (dead_indices, columns)
-        elif width > 0:
-            auxk_decoded = bag_sum(table, auxk_indices, auxk_values.float()).to(values.dtype)
-            ctx.dense_auxk = None
-        else:
-            auxk_decoded = decoded.new_zeros(decoded.shape)
-            ctx.dense_auxk = None
+        decoded, auxk_decoded, ctx.dense_auxk = decode_selections(
+            table, TopK(values, indices), TopK(auxk_values, auxk_indices), dead_indices
+        )
         ctx.save_for_backward(x, encoder_weight, table, values, indices, auxk_values, auxk_indices)
         ctx.dtypes = (inputs.dtype, bias.dtype, encoder_weight.dtype, decoder_weight.dtype)
         ctx.mark_non_differentiable(indices, auxk_indices)
@@ -113,7 +127,7 @@ class _FusedAutoencode(torch.autograd.Function):
     def backward(ctx, grad_values, _, grad_auxk_values, __, grad_decoded, grad_auxk_decoded):
         x, encoder_weight, table, values, indices, auxk_values, auxk_indices = ctx.saved_tensors
         inputs_dtype, bias_dtype, encoder_dtype, decoder_dtype = ctx.dtypes
-        needs = _Needs(*ctx.needs_input_grad[:4])
+        needs = Needs(*ctx.needs_input_grad[:4])
         if ctx.dense_auxk is not None:  # the sparse pass takes the top-k alone
             dense_auxk_values, dense_grad_auxk_values = auxk_values, grad_auxk_values
             auxk_values, auxk_indices = auxk_values[:, :0], auxk_indices[:, :0]
@@ -127,7 +141,7 @@ class _FusedAutoencode(torch.autograd.Function):
         )
         grads = sparse(
             needs,
-            _Selection(x, encoder_weight, table, values, indices, auxk_values, auxk_indices),
+            Selection(x, encoder_weight, table, values, indices, auxk_values, auxk_indices),
             grad_values,
             grad_auxk_values,
             grad_decoded,
@@ -137,10 +151,10 @@ class _FusedAutoencode(torch.autograd.Function):
             grad_auxk_decoded is not None or dense_grad_auxk_values is not None
         ):
             dead_indices, columns = ctx.dense_auxk
-            grads = _add_dense_auxk(
+            grads = add_dense_auxk_gradients(
                 needs,
                 grads,
-                _Selection(x, encoder_weight, table, None, None, dense_auxk_values, columns),
+                Selection(x, encoder_weight, table, None, None, dense_auxk_values, columns),
                 dead_indices,
                 grad_auxk_decoded,
                 dense_grad_auxk_values,
@@ -154,7 +168,7 @@ class _FusedAutoencode(torch.autograd.Function):
         return grad_inputs, grad_bias, grad_encoder, grad_decoder, None, None, None
 
 
-class _Needs(NamedTuple):
+class Needs(NamedTuple):
     """Which of the fused function's tensors need a gradient."""
 
     inputs: bool
@@ -163,7 +177,7 @@ class _Needs(NamedTuple):
     decoder: bool
 
 
-class _Selection(NamedTuple):
+class Selection(NamedTuple):
     """What the backward passes read: the encoded vectors, the weights and the selection."""
 
     x: Tensor
@@ -176,7 +190,7 @@ class _Selection(NamedTuple):
     """Latent indices, or for the dense AuxK pass, columns among the dead latents."""
 
 
-class _Gradients(NamedTuple):
+class Gradients(NamedTuple):
     """Gradients in fp32: the encoded vectors' (the inputs'; None unless needed), the
     bias's where the inputs need none (else None), the encoder's and the latent-major
     decoder's (None unless needed)."""
@@ -198,14 +212,14 @@ def _scatter_columns(values: Tensor, columns: Tensor, n_columns: int) -> Tensor:
     return values.new_zeros((values.shape[0], n_columns)).scatter_(1, columns, values)
 
 
-def _add_dense_auxk(
-    needs: _Needs,
-    grads: _Gradients,
-    selection: _Selection,
+def add_dense_auxk_gradients(
+    needs: Needs,
+    grads: Gradients,
+    selection: Selection,
     dead_indices: Tensor,
     grad_auxk_decoded: Tensor | None,
     grad_auxk_values: Tensor | None,
-) -> _Gradients:
+) -> Gradients:
     """`grads` plus the AuxK selection's gradients, by dense products over the dead
     latents' columns: the entries' gradients `grad_auxk_decoded @ decoder[dead].T` (plus
     the direct ones), zero where the selection is not positive, then one matmul each for
@@ -235,17 +249,17 @@ def _add_dense_auxk(
         grad_x = grad_x + grad_entries @ dead_weight
     elif needs.bias:
         grad_bias = grad_bias - grad_entries.sum(0) @ dead_weight
-    return _Gradients(grad_x, grad_bias, grad_encoder, grad_decoder)
+    return Gradients(grad_x, grad_bias, grad_encoder, grad_decoder)
 
 
 def torch_sparse_gradients(
-    needs: _Needs,
-    selection: _Selection,
+    needs: Needs,
+    selection: Selection,
     grad_values: Tensor | None,
     grad_auxk_values: Tensor | None,
     grad_decoded: Tensor | None,
     grad_auxk_decoded: Tensor | None,
-) -> _Gradients:
+) -> Gradients:
     """The sparse backward with torch operations: one latent order of the kept entries
     for the values', the decoder's and the encoder's gradients."""
     x, encoder_weight, table, values, indices, auxk_values, auxk_indices = selection
@@ -295,17 +309,17 @@ def torch_sparse_gradients(
         )
     elif needs.bias:
         grad_bias = bias_gradient(entries.latents, grad_entries, weight)
-    return _Gradients(grad_x, grad_bias, grad_encoder, grad_decoder)
+    return Gradients(grad_x, grad_bias, grad_encoder, grad_decoder)
 
 
 def native_sparse_gradients(
-    needs: _Needs,
-    selection: _Selection,
+    needs: Needs,
+    selection: Selection,
     grad_values: Tensor | None,
     grad_auxk_values: Tensor | None,
     grad_decoded: Tensor | None,
     grad_auxk_decoded: Tensor | None,
-) -> _Gradients:
+) -> Gradients:
     """The sparse backward by `native.sparse_backward`, for fp32 CPU tensors: one kernel
     computes the entries' gradients and the decoder's and encoder's."""
     x, encoder_weight, table, values, indices, auxk_values, auxk_indices = selection
@@ -337,7 +351,7 @@ def native_sparse_gradients(
         )
     elif needs.bias:
         grad_bias = -(latent_sums @ encoder_weight)
-    return _Gradients(
+    return Gradients(
         grad_x,
         grad_bias,
         grad_encoder if needs.encoder else None,
