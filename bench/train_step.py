@@ -50,8 +50,8 @@ from bench.common import (  # noqa: E402
     run_isolated,
 )
 from bench.reference import ReferenceSAE, reference_step  # noqa: E402
-from mlsae.model.autoencoder import MLSAE, maintain_decoder  # noqa: E402
 from mlsae.model import fused, native  # noqa: E402
+from mlsae.model.autoencoder import MLSAE, maintain_decoder  # noqa: E402
 from mlsae.model.decoder import decode  # noqa: E402
 from mlsae.model.encoder import select_latents  # noqa: E402
 from mlsae.model.losses import auxk_loss, layerwise_fvu  # noqa: E402
@@ -253,7 +253,9 @@ def make_step_decode(encoder, decoder, flat, dead, k, auxk):
         if dense_auxk is not None:
             dead_columns, columns = dense_auxk
             dense_selection = fused.Selection(flat, encoder, table, None, None, aux.values, columns)
-            fused.add_dense_auxk_gradients(needs, grads, dense_selection, dead_columns, grad_aux, None)
+            fused.add_dense_auxk_gradients(
+                needs, grads, dense_selection, dead_columns, grad_aux, None
+            )
 
     return run
 
@@ -299,10 +301,10 @@ def build_functions(names, x, encoder, decoder, bias, dead, k, auxk):
     keep.append(opt)
     functions["floor"], functions["floor_prealloc"] = floor, floor_preallocated
     functions["matmul"] = matmul
-    for name, fused, coo in (("dense", True, False), ("original", False, True)):
+    for name, fused_adam, coo in (("dense", True, False), ("original", False, True)):
         if name in names:
             sae = ReferenceSAE(encoder, decoder, bias, k, auxk)
-            opt = torch.optim.Adam(sae.parameters(), lr=LR, eps=EPS, fused=fused)
+            opt = torch.optim.Adam(sae.parameters(), lr=LR, eps=EPS, fused=fused_adam)
             functions[name] = lambda s=sae, o=opt, c=coo: reference_step(
                 s, o, x, dead, AUXK_COEF, c
             )

@@ -212,7 +212,9 @@ def test_auxk_over_few_dead_latents_takes_dense_products(n_dead, dense, monkeypa
     for per_slot in (fused.DENSE_AUXK_DEAD_PER_SLOT, 0):  # 0: always sparse
         monkeypatch.setattr(fused, "DENSE_AUXK_DEAD_PER_SLOT", per_slot)
         leaves = [t.clone().requires_grad_() for t in (inputs, bias, encoder, decoder)]
-        with mock.patch.object(fused, "add_dense_auxk_gradients", wraps=fused.add_dense_auxk_gradients) as spy:
+        with mock.patch.object(
+            fused, "add_dense_auxk_gradients", wraps=fused.add_dense_auxk_gradients
+        ) as spy:
             out = fused_autoencode(*leaves, 6, 8, dead)
             loss = (out.decoded * weights[0]).sum() + (out.auxk_decoded * weights[1]).sum()
             (loss + (out.auxk.values * weights[2].float()).sum()).backward()
