@@ -175,59 +175,55 @@ typedef struct {
     int64_t cap;
 } scratch_t;
 
-/* Reorders v[0..m) (with ix) so that v[0..k) are its k largest. With AVX-512 (AVX2) a
- * quickselect whose partitions split each block of 16 (8) three ways (above, equal to,
- * below the pivot) by compress-stores, without branches. */
-static void keep_largest(float *v, int32_t *ix, int64_t m, int64_t k, const scratch_t *scratch) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+/* Splits cv[0..cm) (with ci) three ways around pivot, keeping the order: into the scratch's
+ * arrays of entries above, equal to and below it, whose counts it writes to counts[0..3).
+ * Each block of 16 (AVX-512) or 8 (AVX2) entries goes by compress-stores, without branches. */
+static void split_around(const float *cv, const int32_t *ci, int64_t cm, float pivot,
+                         const scratch_t *scratch, int64_t counts[3]) {
+    float *out_v[3] = {scratch->values, scratch->values + scratch->cap, scratch->values + 2 * scratch->cap};
+    int32_t *out_i[3] = {scratch->positions, scratch->positions + scratch->cap,
+                         scratch->positions + 2 * scratch->cap};
+    int64_t n[3] = {0, 0, 0}, j = 0;
 #if defined(__AVX512F__)
-    float *gv = scratch->values, *ev = gv + scratch->cap, *lv = ev + scratch->cap;
-    int32_t *gi = scratch->positions, *ei = gi + scratch->cap, *li = ei + scratch->cap;
-    int64_t start = 0, need = k;
-    while (m - start > 64) {
-        float *cv = v + start;
-        int32_t *ci = ix + start;
-        const int64_t cm = m - start;
-        float a = cv[0], b = cv[cm / 2], c = cv[cm - 1];
-        const float pivot = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
-        if (pivot != pivot) break; /* NaN: left to the scalar quickselect */
-        const __m512 pv = _mm512_set1_ps(pivot);
-        int64_t ng = 0, ne = 0, nl = 0;
-        for (int64_t j = 0; j < cm; j += 16) {
-            const __mmask16 valid = cm - j >= 16 ? 0xFFFF : (__mmask16)((1u << (cm - j)) - 1);
-            const __m512 x = _mm512_maskz_loadu_ps(valid, cv + j);
-            const __m512i p = _mm512_maskz_loadu_epi32(valid, ci + j);
-            const __mmask16 above = _mm512_mask_cmp_ps_mask(valid, x, pv, _CMP_GT_OQ);
-            const __mmask16 equal = _mm512_mask_cmp_ps_mask(valid, x, pv, _CMP_EQ_OQ);
-            const __mmask16 below = valid & ~above & ~equal;
-            _mm512_mask_compressstoreu_ps(gv + ng, above, x);
-            _mm512_mask_compressstoreu_epi32(gi + ng, above, p);
-            _mm512_mask_compressstoreu_ps(ev + ne, equal, x);
-            _mm512_mask_compressstoreu_epi32(ei + ne, equal, p);
-            _mm512_mask_compressstoreu_ps(lv + nl, below, x);
-            _mm512_mask_compressstoreu_epi32(li + nl, below, p);
-            ng += __builtin_popcount(above);
-            ne += __builtin_popcount(equal);
-            nl += __builtin_popcount(below);
-        }
-        memcpy(cv, gv, ng * sizeof(float));
-        memcpy(ci, gi, ng * sizeof(int32_t));
-        memcpy(cv + ng, ev, ne * sizeof(float));
-        memcpy(ci + ng, ei, ne * sizeof(int32_t));
-        memcpy(cv + ng + ne, lv, nl * sizeof(float));
-        memcpy(ci + ng + ne, li, nl * sizeof(int32_t));
-        if (need <= ng) {
-            m = start + ng;
-        } else if (need <= ng + ne) {
-            return;
-        } else {
-            start += ng + ne;
-            need -= ng + ne;
+    const __m512 pv = _mm512_set1_ps(pivot);
+    for (; j < cm; j += 16) {
+        const __mmask16 valid = cm - j >= 16 ? 0xFFFF : (__mmask16)((1u << (cm - j)) - 1);
+        const __m512 x = _mm512_maskz_loadu_ps(valid, cv + j);
+        const __m512i p = _mm512_maskz_loadu_epi32(valid, ci + j);
+        const __mmask16 above = _mm512_mask_cmp_ps_mask(valid, x, pv, _CMP_GT_OQ);
+        const __mmask16 equal = _mm512_mask_cmp_ps_mask(valid, x, pv, _CMP_EQ_OQ);
+        const __mmask16 masks[3] = {above, equal, valid & ~above & ~equal};
+        for (int s = 0; s < 3; s++) {
+            _mm512_mask_compressstoreu_ps(out_v[s] + n[s], masks[s], x);
+            _mm512_mask_compressstoreu_epi32(out_i[s] + n[s], masks[s], p);
+            n[s] += __builtin_popcount(masks[s]);
         }
     }
-    if (need < m - start) select_scalar(v + start, ix + start, m - start, need);
-#elif defined(__AVX2__)
-    float *gv = scratch->values, *ev = gv + scratch->cap, *lv = ev + scratch->cap;
-    int32_t *gi = scratch->positions, *ei = gi + scratch->cap, *li = ei + scratch->cap;
+#else
+    const __m256 pv = _mm256_set1_ps(pivot);
+    for (; j + 8 <= cm; j += 8) {
+        const __m256 x = _mm256_loadu_ps(cv + j);
+        const __m256i p = _mm256_loadu_si256((const __m256i *)(ci + j));
+        const int above = _mm256_movemask_ps(_mm256_cmp_ps(x, pv, _CMP_GT_OQ));
+        const int equal = _mm256_movemask_ps(_mm256_cmp_ps(x, pv, _CMP_EQ_OQ));
+        const int masks[3] = {above, equal, 0xFF & ~above & ~equal};
+        for (int s = 0; s < 3; s++) n[s] += compress8(out_v[s] + n[s], out_i[s] + n[s], x, p, masks[s]);
+    }
+    for (; j < cm; j++) {
+        const int s = cv[j] > pivot ? 0 : cv[j] == pivot ? 1 : 2;
+        out_v[s][n[s]] = cv[j];
+        out_i[s][n[s]++] = ci[j];
+    }
+#endif
+    for (int s = 0; s < 3; s++) counts[s] = n[s];
+}
+#endif
+
+/* Reorders v[0..m) (with ix) so that v[0..k) are its k largest. With AVX-512 or AVX2 a
+ * quickselect whose partitions split three ways by compress-stores (split_around). */
+static void keep_largest(float *v, int32_t *ix, int64_t m, int64_t k, const scratch_t *scratch) {
+#if defined(__AVX512F__) || defined(__AVX2__)
     int64_t start = 0, need = k;
     while (m - start > 64) {
         float *cv = v + start;
@@ -236,43 +232,21 @@ static void keep_largest(float *v, int32_t *ix, int64_t m, int64_t k, const scra
         float a = cv[0], b = cv[cm / 2], c = cv[cm - 1];
         const float pivot = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
         if (pivot != pivot) break; /* NaN: left to the scalar quickselect */
-        const __m256 pv = _mm256_set1_ps(pivot);
-        int64_t ng = 0, ne = 0, nl = 0, j = 0;
-        for (; j + 8 <= cm; j += 8) {
-            const __m256 x = _mm256_loadu_ps(cv + j);
-            const __m256i p = _mm256_loadu_si256((const __m256i *)(ci + j));
-            const int above = _mm256_movemask_ps(_mm256_cmp_ps(x, pv, _CMP_GT_OQ));
-            const int equal = _mm256_movemask_ps(_mm256_cmp_ps(x, pv, _CMP_EQ_OQ));
-            ng += compress8(gv + ng, gi + ng, x, p, above);
-            ne += compress8(ev + ne, ei + ne, x, p, equal);
-            nl += compress8(lv + nl, li + nl, x, p, 0xFF & ~above & ~equal);
+        int64_t n[3];
+        split_around(cv, ci, cm, pivot, scratch, n);
+        int64_t offset = 0;
+        for (int s = 0; s < 3; s++) {
+            memcpy(cv + offset, scratch->values + s * scratch->cap, n[s] * sizeof(float));
+            memcpy(ci + offset, scratch->positions + s * scratch->cap, n[s] * sizeof(int32_t));
+            offset += n[s];
         }
-        for (; j < cm; j++) {
-            const float x = cv[j];
-            if (x > pivot) {
-                gv[ng] = x;
-                gi[ng++] = ci[j];
-            } else if (x == pivot) {
-                ev[ne] = x;
-                ei[ne++] = ci[j];
-            } else {
-                lv[nl] = x;
-                li[nl++] = ci[j];
-            }
-        }
-        memcpy(cv, gv, ng * sizeof(float));
-        memcpy(ci, gi, ng * sizeof(int32_t));
-        memcpy(cv + ng, ev, ne * sizeof(float));
-        memcpy(ci + ng, ei, ne * sizeof(int32_t));
-        memcpy(cv + ng + ne, lv, nl * sizeof(float));
-        memcpy(ci + ng + ne, li, nl * sizeof(int32_t));
-        if (need <= ng) {
-            m = start + ng;
-        } else if (need <= ng + ne) {
+        if (need <= n[0]) {
+            m = start + n[0];
+        } else if (need <= n[0] + n[1]) {
             return;
         } else {
-            start += ng + ne;
-            need -= ng + ne;
+            start += n[0] + n[1];
+            need -= n[0] + n[1];
         }
     }
     if (need < m - start) select_scalar(v + start, ix + start, m - start, need);

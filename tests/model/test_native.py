@@ -5,6 +5,7 @@ count and tile size, and the same results from builds without AVX-512 or any vec
 extensions."""
 
 import os
+import platform
 import shutil
 
 import pytest
@@ -206,6 +207,14 @@ def test_builds_for_other_cpus_compute_the_same(tmp_path, monkeypatch, flags):
         scale = exact.abs().max().item()
         torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-6 * scale)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6 * scale)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 vector extensions")
+def test_the_avx512_build_compiles_on_any_x86_cpu(tmp_path):
+    """Where the CPU cannot run it, the AVX-512 path is at least compiled, warnings as errors."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    flags = native.FLAGS + ("-mavx512f", "-mavx2", "-mfma", "-Wall", "-Werror")
+    assert native._compile(compiler, flags, tmp_path / "native-avx512.so")
 
 
 def test_compiles_into_the_cache_directory_and_can_be_turned_off(tmp_path, monkeypatch):
