@@ -291,6 +291,7 @@ def test_select_latents_auxk_over_gathered_or_reordered_dead_columns(
 ):
     if chunk_rows:  # the pre-activations a few rows at a time
         monkeypatch.setattr(encoder, "ENCODE_CHUNK_BYTES", chunk_rows * 64 * 8)
+        monkeypatch.setattr(encoder, "MIN_ENCODE_CHUNK_ROWS", 1)
         assert len(encoder.encode_chunks(n_vectors, 64 * 8, torch.device("cpu"))) > 1
     generator = torch.Generator().manual_seed(n_vectors)
     x = torch.randn(n_vectors, 10, generator=generator, dtype=torch.float64)
@@ -308,9 +309,43 @@ def test_select_latents_auxk_over_gathered_or_reordered_dead_columns(
     torch.testing.assert_close(pre.gather(1, auxk_indices), auxk_values, rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_select_latents_in_chunks_into_one_buffer_equals_the_whole(monkeypatch, autocast):
+    """Every latent dead and AuxK wider than them: AuxK keeps each chunk's pre-activations,
+    which must survive the next chunk's matmul into the same buffer."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(11, 10, generator=generator)
+    weight = torch.randn(64, 10, generator=generator)
+    dead = torch.arange(64)
+    whole = select_latents(x, weight, 4, 64, dead)
+    monkeypatch.setattr(encoder, "ENCODE_CHUNK_BYTES", 3 * 64 * 4)
+    monkeypatch.setattr(encoder, "MIN_ENCODE_CHUNK_ROWS", 1)
+    assert len(encoder.encode_chunks(11, 64 * 4, torch.device("cpu"))) == 4
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        chunked = select_latents(x, weight, 4, 64, dead)
+    pre = x @ weight.T
+    if autocast:  # the BLAS's bf16 products: only the chunks' own consistency is checked
+        pre = x.bfloat16() @ weight.T.bfloat16()
+        torch.testing.assert_close(chunked[2], pre, rtol=0, atol=0)
+        return
+    values, indices, auxk_values, auxk_indices = chunked
+    assert torch.equal(_sorted(indices), _sorted(whole[1]))
+    torch.testing.assert_close(values, pre.gather(1, indices))
+    torch.testing.assert_close(auxk_values, pre)  # AuxK's values: every pre-activation
+    assert torch.equal(auxk_indices, dead.expand(11, 64))
+
+
 @pytest.mark.parametrize(
     ("n_vectors", "row_bytes"),
-    [(3072, 8192 * 4), (1000, 32768 * 4), (3072, 24576 * 4), (7, 10), (5, 2**30)],
+    [
+        (3072, 8192 * 4),
+        (1000, 32768 * 4),
+        (1536, 32768 * 4),
+        (3072, 24576 * 4),
+        (7, 10),
+        (5, 2**30),
+        (100_000, 10),
+    ],
 )
 def test_encode_chunks_cover_the_rows_within_the_budget(n_vectors, row_bytes):
     chunks = encoder.encode_chunks(n_vectors, row_bytes, torch.device("cpu"))
@@ -318,7 +353,9 @@ def test_encode_chunks_cover_the_rows_within_the_budget(n_vectors, row_bytes):
     assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:], strict=False))
     sizes = [c.stop - c.start for c in chunks]
     assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
-    assert max(sizes) * row_bytes <= max(encoder.ENCODE_CHUNK_BYTES, row_bytes)
+    rows_allowed = max(encoder.MIN_ENCODE_CHUNK_ROWS, encoder.ENCODE_CHUNK_BYTES // row_bytes)
+    assert max(sizes) <= rows_allowed
+    assert len(chunks) == -(-n_vectors // rows_allowed)  # no more chunks than needed
     assert encoder.encode_chunks(n_vectors, row_bytes, torch.device("meta")) == [
         slice(0, n_vectors)
     ]
