@@ -88,11 +88,7 @@ def select_latents(
     row_bytes = n_latents * x.element_size()
     chunks = encode_chunks(x.shape[0], row_bytes, x.device)
     buffer = None  # one allocation (and one round of page faults) for all chunks
-    if (
-        len(chunks) > 1
-        and x.dtype == weight.dtype
-        and not torch.is_autocast_enabled(x.device.type)
-    ):
+    if len(chunks) > 1 and x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type):
         buffer = x.new_empty((max(c.stop - c.start for c in chunks), n_latents))
 
     def search(rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
