@@ -278,6 +278,15 @@ static inline int any_above(const float *p, float t) {
 }
 #endif
 
+/* Cuts the m >= 2k candidates in the buffer back to their k largest; returns the new
+ * threshold, the smallest of them. */
+static inline float cut_to_k(float *buffer, int32_t *positions, int64_t *m, int64_t k,
+                             const scratch_t *scratch) {
+    keep_largest(buffer, positions, *m, k, scratch);
+    *m = k;
+    return smallest(buffer, k);
+}
+
 /* Appends row[start..n) elements above *threshold to the buffer (m entries so far),
  * cutting it back to its k largest whenever it holds 2k or more, which raises *threshold.
  * The buffer has room for 2k + 16 entries. Returns the new m, or -1 when the row holds a
@@ -301,9 +310,7 @@ static int64_t scan_row(const float *row, int64_t start, int64_t n, int64_t k, f
         _mm512_mask_compressstoreu_epi32(positions + m, above, index);
         m += __builtin_popcount(above);
         if (m >= 2 * k) {
-            keep_largest(buffer, positions, m, k, scratch);
-            m = k;
-            t = smallest(buffer, k);
+            t = cut_to_k(buffer, positions, &m, k, scratch);
             tv = _mm512_set1_ps(t);
         }
     }
@@ -321,9 +328,7 @@ static int64_t scan_row(const float *row, int64_t start, int64_t n, int64_t k, f
             const __m256i index = _mm256_add_epi32(_mm256_set1_epi32((int32_t)j), lanes);
             m += compress8(buffer + m, positions + m, v, index, above);
             if (m >= 2 * k) {
-                keep_largest(buffer, positions, m, k, scratch);
-                m = k;
-                t = smallest(buffer, k);
+                t = cut_to_k(buffer, positions, &m, k, scratch);
                 tv = _mm256_set1_ps(t);
             }
         }
@@ -338,11 +343,7 @@ static int64_t scan_row(const float *row, int64_t start, int64_t n, int64_t k, f
             if (value != value) return -1;
             buffer[m] = value;
             positions[m++] = (int32_t)i;
-            if (m >= 2 * k) {
-                keep_largest(buffer, positions, m, k, scratch);
-                m = k;
-                t = smallest(buffer, k);
-            }
+            if (m >= 2 * k) t = cut_to_k(buffer, positions, &m, k, scratch);
         }
     }
 #endif
