@@ -50,7 +50,7 @@ from bench.common import (  # noqa: E402
     run_isolated,
 )
 from bench.reference import ReferenceSAE, reference_step  # noqa: E402
-from mlsae.model import fused, native  # noqa: E402
+from mlsae.model import fused  # noqa: E402
 from mlsae.model.autoencoder import MLSAE, maintain_decoder  # noqa: E402
 from mlsae.model.decoder import decode  # noqa: E402
 from mlsae.model.encoder import select_latents  # noqa: E402
@@ -239,23 +239,11 @@ def make_step_decode(encoder, decoder, flat, dead, k, auxk):
     table = decoder.t().contiguous()  # latent-major, as MLSAE stores it
     grad, grad_aux = torch.randn_like(flat), torch.randn_like(flat)
     needs = fused.Needs(inputs=False, bias=False, encoder=False, decoder=True)
-    sparse = (
-        fused.native_sparse_gradients
-        if native.usable(flat, table)
-        else fused.torch_sparse_gradients
-    )
 
     def run() -> None:
         _, _, dense_auxk = fused.decode_selections(table, topk, aux, dead_indices)
-        sparse_aux = aux if dense_auxk is None else TopK(aux.values[:, :0], aux.indices[:, :0])
-        selection = fused.Selection(flat, encoder, table, *topk, *sparse_aux)
-        grads = sparse(needs, selection, None, None, grad, grad_aux)
-        if dense_auxk is not None:
-            dead_columns, columns = dense_auxk
-            dense_selection = fused.Selection(flat, encoder, table, None, None, aux.values, columns)
-            fused.add_dense_auxk_gradients(
-                needs, grads, dense_selection, dead_columns, grad_aux, None
-            )
+        selection = fused.Selection(flat, encoder, table, *topk, *aux)
+        fused.selection_gradients(needs, selection, dense_auxk, None, None, grad, grad_aux)
 
     return run
 

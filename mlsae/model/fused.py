@@ -128,37 +128,15 @@ class _FusedAutoencode(torch.autograd.Function):
         x, encoder_weight, table, values, indices, auxk_values, auxk_indices = ctx.saved_tensors
         inputs_dtype, bias_dtype, encoder_dtype, decoder_dtype = ctx.dtypes
         needs = Needs(*ctx.needs_input_grad[:4])
-        if ctx.dense_auxk is not None:  # the sparse pass takes the top-k alone
-            dense_auxk_values, dense_grad_auxk_values = auxk_values, grad_auxk_values
-            auxk_values, auxk_indices = auxk_values[:, :0], auxk_indices[:, :0]
-            grad_auxk_values = grad_auxk_decoded_sparse = None
-        else:
-            grad_auxk_decoded_sparse = grad_auxk_decoded
-        sparse = (
-            native_sparse_gradients
-            if native.usable(x, table, values, encoder_weight)
-            else torch_sparse_gradients
-        )
-        grads = sparse(
+        grads = selection_gradients(
             needs,
             Selection(x, encoder_weight, table, values, indices, auxk_values, auxk_indices),
+            ctx.dense_auxk,
             grad_values,
             grad_auxk_values,
             grad_decoded,
-            grad_auxk_decoded_sparse,
+            grad_auxk_decoded,
         )
-        if ctx.dense_auxk is not None and (
-            grad_auxk_decoded is not None or dense_grad_auxk_values is not None
-        ):
-            dead_indices, columns = ctx.dense_auxk
-            grads = add_dense_auxk_gradients(
-                needs,
-                grads,
-                Selection(x, encoder_weight, table, None, None, dense_auxk_values, columns),
-                dead_indices,
-                grad_auxk_decoded,
-                dense_grad_auxk_values,
-            )
         grad_x, grad_bias, grad_encoder, grad_decoder = grads
         grad_inputs = grad_x.to(inputs_dtype) if needs.inputs else None
         if needs.bias:
@@ -199,6 +177,49 @@ class Gradients(NamedTuple):
     bias: Tensor | None
     encoder: Tensor | None
     decoder: Tensor | None
+
+
+def selection_gradients(
+    needs: Needs,
+    selection: Selection,
+    dense_auxk: tuple[Tensor, Tensor] | None,
+    grad_values: Tensor | None,
+    grad_auxk_values: Tensor | None,
+    grad_decoded: Tensor | None,
+    grad_auxk_decoded: Tensor | None,
+) -> Gradients:
+    """The fused backward's gradients from both selections, given the forward's
+    `dense_auxk` (see `decode_selections`): one sparse pass over the top-k and, unless AuxK
+    was decoded densely, AuxK's entries; then the dense AuxK products where it was."""
+    x, encoder_weight, table, values, indices, auxk_values, auxk_indices = selection
+    sparse_aux = (auxk_values, auxk_indices, grad_auxk_values, grad_auxk_decoded)
+    if dense_auxk is not None:  # the sparse pass takes the top-k alone
+        sparse_aux = (auxk_values[:, :0], auxk_indices[:, :0], None, None)
+    sparse = (
+        native_sparse_gradients
+        if native.usable(x, table, values, encoder_weight)
+        else torch_sparse_gradients
+    )
+    sparse_values, sparse_indices, sparse_grad_values, sparse_grad_decoded = sparse_aux
+    grads = sparse(
+        needs,
+        Selection(x, encoder_weight, table, values, indices, sparse_values, sparse_indices),
+        grad_values,
+        sparse_grad_values,
+        grad_decoded,
+        sparse_grad_decoded,
+    )
+    if dense_auxk is not None and (grad_auxk_decoded is not None or grad_auxk_values is not None):
+        dead_indices, columns = dense_auxk
+        grads = add_dense_auxk_gradients(
+            needs,
+            grads,
+            Selection(x, encoder_weight, table, None, None, auxk_values, columns),
+            dead_indices,
+            grad_auxk_decoded,
+            grad_auxk_values,
+        )
+    return grads
 
 
 def _dead_columns(auxk_indices: Tensor, dead_indices: Tensor, n_latents: int) -> Tensor:
