@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from mlsae.analysis.source import MLSAESource, load_source
-from mlsae.model.data import get_train_dataloader
-from mlsae.trainer.config import DataConfig, held_out_stream, require_local_data
+from mlsae.model.data import get_test_dataloader, get_train_dataloader
+from mlsae.trainer.config import DataConfig, require_local_data
 from mlsae.utils import get_device, get_repo_id, local_model_name
 
 DEFAULT_MODEL_NAME = "EleutherAI/pythia-70m-deduped"
@@ -104,7 +104,18 @@ def cache_path(repo_id: str, suffix: str, extension: str, output_dir: str = "out
 
 def held_out_batches(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> DataLoader:
     """The test stream of `config` (from its first block), `max_steps` batches."""
-    return held_out_stream(config, tokenizer)
+    require_local_data(config.path)
+    return get_test_dataloader(
+        tokenizer,
+        config.max_length,
+        config.batch_size,
+        path=config.path,
+        max_tokens=config.max_tokens,
+        split=config.split,
+        text_column=config.text_column,
+        num_workers=config.num_workers,
+        skip_bad_documents=config.skip_bad_documents,
+    )
 
 
 def training_batches(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> DataLoader:
@@ -119,4 +130,5 @@ def training_batches(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> 
         split=config.split,
         text_column=config.text_column,
         num_workers=config.num_workers,
+        skip_bad_documents=config.skip_bad_documents,
     )

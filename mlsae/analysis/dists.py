@@ -7,8 +7,9 @@ published `-dists` datasets from those two tensors. The layer statistics take th
 into the model's stack of layers (0 .. n_layers - 1) as the layer.
 
 Outputs, in `--output_dir` (default `out/`): `<owner>-<name>-dists.safetensors` (the two
-tensors), with `--log_every_n_steps` a CSV of the mean layer std over latents as tokens
-accumulate, and with `--push_to_hub` the `-dists` dataset.
+tensors, and in its metadata the identity of the model that wrote them), with
+`--log_every_n_steps` a CSV of the mean layer std over latents as tokens accumulate, and
+with `--push_to_hub` the `-dists` dataset.
 
 Unlike the original, special-token positions are left out unless
 `--count_special_tokens`, and exactly `max_tokens // (batch_size * max_length)` batches
@@ -33,13 +34,18 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mlsae.analysis.config import (
-    AnalysisConfig,
-    cache_path,
-    derived_name,
-    held_out_batches,
+from mlsae.analysis.config import AnalysisConfig, cache_path, derived_name, held_out_batches
+from mlsae.analysis.identity import (
+    OutputOrigin,
+    check_origin,
+    read_safetensors_origin,
+    replacement_note,
+    resolve_identity,
+    source_identity,
 )
 from mlsae.analysis.source import LatentBatch, LatentSource
+from mlsae.cli import run_command
+from mlsae.files import atomic_output
 from mlsae.trainer.config import DataConfig, initialize, parse
 
 LAYER_STD_COLUMNS = (
@@ -149,10 +155,13 @@ class Dists:
     def __len__(self) -> int:
         return self.n_latents
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write `counts` and `totals` to a safetensors file."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file({name: tensor.contiguous().cpu() for name, tensor in self.tensors.items()}, path)
+    def save(self, path: str | os.PathLike[str], origin: OutputOrigin | None = None) -> None:
+        """Write `counts` and `totals` to a safetensors file (written aside, then moved),
+        with `origin` (what wrote them) in its metadata."""
+        tensors = {name: tensor.contiguous().cpu() for name, tensor in self.tensors.items()}
+        metadata = origin.to_metadata() if origin is not None else None
+        with atomic_output(path, f"the dists {Path(path).name}") as partial:
+            save_file(tensors, partial, metadata=metadata or None)
 
     def to_dataset(self) -> datasets.Dataset:
         """The rows as a `-dists` dataset."""
@@ -163,8 +172,23 @@ class Dists:
         self.to_dataset().push_to_hub(repo_id, **kwargs)
 
     @staticmethod
-    def from_file(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> "Dists":
-        """From a safetensors file with `counts` and `totals`."""
+    def from_file(
+        path: str | os.PathLike[str],
+        device: torch.device | str = "cpu",
+        model: Any = None,
+        dataset_id: str | None = None,
+    ) -> "Dists":
+        """From a safetensors file with `counts` and `totals`. Given `model` (an
+        `MLSAETransformer` or its `model_identity`), refuse a file of another model (see
+        `mlsae.analysis.identity.check_origin`; `dataset_id`: the model's `-dists`)."""
+        if model is not None:
+            check_origin(
+                path,
+                read_safetensors_origin(path),
+                resolve_identity(model),
+                dataset_id=dataset_id,
+                rerun="run `python -m mlsae.analysis.dists` for this model",
+            )
         return Dists(load_file(path), device)
 
     @staticmethod
@@ -192,6 +216,7 @@ class Dists:
         repo_id: str | os.PathLike[str],
         device: torch.device | str = "cpu",
         output_dir: str | os.PathLike[str] = "out",
+        model: Any = None,
     ) -> "Dists":
         """Load the dists of a model, trying in turn:
 
@@ -201,17 +226,20 @@ class Dists:
         3. the local cache `<output_dir>/<owner>-<name>-dists.safetensors` of the model
            `repo_id` (hub id or local model folder);
         4. the hub dataset `<owner>/<name>-dists`.
+
+        Given `model` (an `MLSAETransformer` or its `model_identity`), a safetensors file
+        that another model wrote is refused with an `OutputOfAnotherModelError`.
         """
         path = Path(repo_id)
         if path.is_file():
             if path.suffix == ".safetensors":
-                return Dists.from_file(path, device)
+                return Dists.from_file(path, device, model)
             return Dists.from_dataset(_load_rows_file(path), device)
         if path.is_dir() and not (path / "config.json").exists():
             return Dists.from_dataset(_load_rows_folder(path), device)
         cached = cache_path(str(repo_id), "dists", "safetensors", output_dir)
         if cached.exists():
-            return Dists.from_file(cached, device)
+            return Dists.from_file(cached, device, model, derived_name(str(repo_id), "dists"))
         return Dists.from_hub(str(repo_id), device)
 
 
@@ -319,8 +347,7 @@ def collect_dists(
 
 
 def write_layer_std_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as file:
+    with atomic_output(path) as partial, open(partial, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=LAYER_STD_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
@@ -338,7 +365,11 @@ def save_dists(config: DistsConfig) -> Dists:
         log_every_n_steps=config.log_every_n_steps,
     )
     path = cache_path(repo_id, "dists", "safetensors", config.output_dir)
-    dists.save(path)
+    origin = OutputOrigin(model=source_identity(source), repo_id=repo_id)
+    note = replacement_note(path, read_safetensors_origin(path), origin)
+    dists.save(path, origin)
+    if note:
+        print(note)
     print(f"Saved the dists of {repo_id} to {path}")
     if rows:
         csv_path = Path(config.output_dir) / f"dists_layer_std_step_{path.stem}.csv"
@@ -356,4 +387,4 @@ def main(args: list[str] | None = None) -> Dists:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

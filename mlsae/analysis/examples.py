@@ -11,24 +11,20 @@ tensors of `n_layers * n_latents * n_examples` entries.
 
 The examples are written to SQLite, `<output_dir>/<owner>-<name>-examples.db`, with the
 columns of a published `-examples` dataset (`id, latent, layer, token_id, token, act,
-token_ids, tokens, acts`; the last three are JSON strings of the context window). Read
-them with `Examples(repo_id).get(layer, latent)`; `Examples` also imports published
-`-examples` datasets (hub or local files) into that cache.
+token_ids, tokens, acts`; the last three are JSON strings of the context window), and the
+identity of the model that wrote them (see `mlsae.analysis.examples_db`). Read them with
+`Examples(repo_id).get(layer, latent)`; `Examples` also imports published `-examples`
+datasets (hub or local files) into that cache.
 
 Unlike the original, windows never cross into the neighbouring sequence nor come out
 empty near its start (it sliced the flattened batch), special tokens are left out by
 default, and exactly `max_tokens // (batch_size * max_length)` batches are processed.
 """
 
-import json
-import os
-import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import datasets
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -36,33 +32,42 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from mlsae.analysis.config import AnalysisConfig, cache_path, derived_name, training_batches
+from mlsae.analysis.examples_db import (
+    COLUMNS,
+    FEATURES,
+    Example,
+    Examples,
+    create_db,
+    import_dataset,
+    insert_examples,
+    read_origin,
+    write_db,
+)
+from mlsae.analysis.identity import OutputOrigin, replacement_note, source_identity
 from mlsae.analysis.source import LatentBatch, LatentSource
+from mlsae.cli import run_command
 from mlsae.trainer.config import initialize, parse
 
-COLUMNS = ("id", "latent", "layer", "token_id", "token", "act", "token_ids", "tokens", "acts")
-"""The columns of a published `-examples` dataset and of the SQLite table."""
-
-FEATURES = datasets.Features(
-    {
-        "id": datasets.Value("int64"),
-        "latent": datasets.Value("int64"),
-        "layer": datasets.Value("int64"),
-        "token_id": datasets.Value("int64"),
-        "token": datasets.Value("string"),
-        "act": datasets.Value("float64"),
-        "token_ids": datasets.Value("string"),
-        "tokens": datasets.Value("string"),
-        "acts": datasets.Value("string"),
-    }
-)
+__all__ = [
+    "COLUMNS",
+    "FEATURES",
+    "Example",
+    "Examples",
+    "ExamplesConfig",
+    "TopExamples",
+    "collect_examples",
+    "create_db",
+    "import_dataset",
+    "insert_examples",
+    "main",
+    "save_examples",
+    "write_db",
+]
 
 MIN_ACT = 1e-3
 """Values at or below this (compared in float16, as the original did) never count."""
 
 _WINDOW_CHUNK_ELEMENTS = 1 << 24
-_INSERT_CHUNK_ROWS = 10_000
-_EXPORT_CHUNK_ROWS = 100_000
-_DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass
@@ -75,49 +80,6 @@ class ExamplesConfig(AnalysisConfig):
 
     n_tokens: int = 4
     """Context tokens either side of an example's token (clipped to its sequence)."""
-
-
-class Example(NamedTuple):
-    """One example: the token at which `latent` fired at `layer` and its context window."""
-
-    latent: int
-    layer: int
-    token_id: int
-    token: str
-    act: float
-    token_ids: list[int]
-    tokens: list[str]
-    acts: list[float]
-
-    def serialize(self) -> tuple[int | str | float, ...]:
-        """The row without its id, with the window lists as JSON strings."""
-        return (
-            self.latent,
-            self.layer,
-            self.token_id,
-            self.token,
-            self.act,
-            json.dumps(self.token_ids),
-            json.dumps(self.tokens),
-            json.dumps(self.acts),
-        )
-
-    @staticmethod
-    def from_row(row: Sequence[Any]) -> "Example":
-        """From a table row without its id."""
-        latent, layer, token_id, token, act, token_ids, tokens, acts = row
-        return Example(
-            latent, layer, token_id, token, act, _json(token_ids), _json(tokens), _json(acts)
-        )
-
-    @staticmethod
-    def from_dict(row: dict[str, Any]) -> "Example":
-        """From a dataset row (window columns as JSON strings or as lists)."""
-        return Example.from_row([row[name] for name in COLUMNS[1:]])
-
-
-def _json(value: str | list) -> list:
-    return json.loads(value) if isinstance(value, str) else list(value)
 
 
 class TopExamples:
@@ -358,222 +320,6 @@ def collect_examples(
     return top
 
 
-def create_db(path: str | os.PathLike[str]) -> sqlite3.Connection:
-    """Open (or create) an examples database with its table and index."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(path)
-    connection.execute(
-        """
-        CREATE TABLE IF NOT EXISTS examples (
-            id INTEGER PRIMARY KEY,
-            latent INTEGER,
-            layer INTEGER,
-            token_id INTEGER,
-            token TEXT,
-            act REAL,
-            token_ids JSON,
-            tokens JSON,
-            acts JSON
-        )
-        """
-    )
-    connection.execute(
-        "CREATE INDEX IF NOT EXISTS examples_latent_layer ON examples (latent, layer)"
-    )
-    connection.commit()
-    return connection
-
-
-def insert_examples(connection: sqlite3.Connection, examples: Iterable[Example]) -> int:
-    """Insert examples (new ids); returns how many."""
-    n_rows = 0
-    for chunk in _chunks((example.serialize() for example in examples), _INSERT_CHUNK_ROWS):
-        connection.executemany(
-            "INSERT INTO examples (latent, layer, token_id, token, act, token_ids, tokens, acts) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            chunk,
-        )
-        n_rows += len(chunk)
-    connection.commit()
-    return n_rows
-
-
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def write_db(
-    examples: Iterable[Example],
-    path: str | os.PathLike[str],
-    n_layers: int | None = None,
-    n_latents: int | None = None,
-) -> Path:
-    """Replace the database at `path` with `examples` (written aside, then moved).
-
-    With `n_layers` and `n_latents`, the database also records the model's shape, so
-    that `Examples.get` can reject a layer or latent out of range.
-    """
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)
-    connection = create_db(partial)
-    try:
-        insert_examples(connection, examples)
-        if n_layers is not None and n_latents is not None:
-            connection.execute("CREATE TABLE shape (n_layers INTEGER, n_latents INTEGER)")
-            connection.execute("INSERT INTO shape VALUES (?, ?)", (n_layers, n_latents))
-            connection.commit()
-    finally:
-        connection.close()
-    os.replace(partial, path)
-    return path
-
-
-def import_dataset(
-    dataset: datasets.Dataset | datasets.DatasetDict, path: str | os.PathLike[str]
-) -> Path:
-    """Replace the database at `path` with the rows of an `-examples` dataset, ids kept
-    when it has them."""
-    if isinstance(dataset, datasets.DatasetDict):
-        dataset = dataset["train"]
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)
-    connection = create_db(partial)
-    has_ids = "id" in dataset.column_names
-    columns = list(COLUMNS if has_ids else COLUMNS[1:])
-    placeholders = ", ".join("?" * len(columns))
-    statement = f"INSERT INTO examples ({', '.join(columns)}) VALUES ({placeholders})"
-    try:
-        progress = tqdm(total=len(dataset), desc="importing examples", unit="row")
-        for rows in dataset.select_columns(columns).iter(batch_size=_INSERT_CHUNK_ROWS):
-            for name in ("token_ids", "tokens", "acts"):
-                rows[name] = [
-                    value if isinstance(value, str) else json.dumps(list(value))
-                    for value in rows[name]
-                ]
-            connection.executemany(statement, zip(*(rows[name] for name in columns), strict=True))
-            progress.update(len(rows["latent"]))
-        progress.close()
-        connection.commit()
-    finally:
-        connection.close()
-    os.replace(partial, path)
-    return path
-
-
-def _load_rows(path: Path) -> datasets.Dataset | datasets.DatasetDict:
-    """The rows of a local `-examples` dataset: a file, a `save_to_disk` folder, or a
-    folder of data files."""
-    if path.is_dir():
-        if any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
-            return datasets.load_from_disk(str(path))
-        return datasets.load_dataset(str(path), split="train")
-    name = path.name.removesuffix(".zst").removesuffix(".gz")
-    builder = _DATA_EXTENSIONS.get(Path(name).suffix)
-    if builder is None:
-        raise ValueError(f"cannot read examples from {path}: expected .db, .jsonl or .parquet")
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
-
-
-class Examples:
-    """The examples of a model, from SQLite.
-
-    `Examples(source)` opens, in turn: `source` as a `.db` file; `source` as local rows
-    of an `-examples` dataset (a file or folder, imported into `<output_dir>/<its
-    name>.db` unless that exists); the cache `<output_dir>/<owner>-<name>-examples.db`
-    of the model `source` (hub id or local model folder); or the hub dataset
-    `<owner>/<name>-examples`, imported into that cache.
-    """
-
-    def __init__(self, source: str | os.PathLike[str], output_dir: str = "out") -> None:
-        path = Path(source)
-        if path.suffix == ".db":
-            if not path.is_file():
-                raise FileNotFoundError(f"no examples database at {path}")
-            self.path = path
-        elif path.exists() and not (path / "config.json").exists():
-            self.path = Path(output_dir) / f"{path.name.split('.')[0]}.db"
-            if not self.path.exists():
-                import_dataset(_load_rows(path), self.path)
-        else:
-            self.path = cache_path(str(source), "examples", "db", output_dir)
-            if not self.path.exists():
-                repo_id = derived_name(str(source), "examples")
-                import_dataset(datasets.load_dataset(repo_id, split="train"), self.path)
-        self.connection = sqlite3.connect(self.path)
-
-    def shape(self) -> tuple[int, int] | None:
-        """`(n_layers, n_latents)` of the model, when the database records them."""
-        try:
-            row = self.connection.execute("SELECT n_layers, n_latents FROM shape").fetchone()
-        except sqlite3.OperationalError:
-            return None
-        return None if row is None else (int(row[0]), int(row[1]))
-
-    def get(self, layer: int, latent: int) -> list[Example]:
-        """The examples of `latent` at `layer`, by act descending.
-
-        A layer (a position in the model's stack of layers) or latent out of range
-        raises a ValueError.
-        """
-        shape = self.shape()
-        for name, value, size in (
-            ("layer", layer, shape[0] if shape else None),
-            ("latent", latent, shape[1] if shape else None),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-            if size is not None and value >= size:
-                raise ValueError(f"{name} {value} is out of range: the model has {size}")
-        cursor = self.connection.execute(
-            "SELECT latent, layer, token_id, token, act, token_ids, tokens, acts "
-            "FROM examples WHERE latent = ? AND layer = ? ORDER BY act DESC, id",
-            (latent, layer),
-        )
-        return [Example.from_row(row) for row in cursor.fetchall()]
-
-    def __len__(self) -> int:
-        return self.connection.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
-
-    def rows(self) -> Iterator[dict[str, Any]]:
-        """Every row, with the published columns, in id order."""
-        cursor = self.connection.execute(f"SELECT {', '.join(COLUMNS)} FROM examples ORDER BY id")
-        for row in cursor:
-            yield dict(zip(COLUMNS, row, strict=True))
-
-    def to_dataset(self) -> datasets.Dataset:
-        """The rows as an `-examples` dataset, built a chunk of rows at a time."""
-        cursor = self.connection.execute(f"SELECT {', '.join(COLUMNS)} FROM examples ORDER BY id")
-        parts = []
-        while rows := cursor.fetchmany(_EXPORT_CHUNK_ROWS):
-            columns = dict(zip(COLUMNS, map(list, zip(*rows, strict=True)), strict=True))
-            parts.append(datasets.Dataset.from_dict(columns, features=FEATURES))
-        if not parts:
-            return datasets.Dataset.from_dict({name: [] for name in COLUMNS}, features=FEATURES)
-        return datasets.concatenate_datasets(parts)
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> None:
-        """Push the rows to the hub as the dataset `repo_id` (e.g. `...-examples`)."""
-        self.to_dataset().push_to_hub(repo_id, **kwargs)
-
-    def close(self) -> None:
-        self.connection.close()
-
-    def __enter__(self) -> "Examples":
-        return self
-
-    def __exit__(self, *args: object) -> None:
-        self.close()
-
-
 def save_examples(config: ExamplesConfig) -> Examples:
     """Find the top examples of the configured model, write them to
     `config.output_dir` (and the hub with `push_to_hub`), and open them."""
@@ -586,12 +332,18 @@ def save_examples(config: ExamplesConfig) -> Examples:
         config.n_tokens,
         total=config.data.max_steps,
     )
-    path = write_db(
+    path = cache_path(repo_id, "examples", "db", config.output_dir)
+    origin = OutputOrigin(model=source_identity(source), repo_id=repo_id)
+    note = replacement_note(path, read_origin(path), origin)
+    write_db(
         top.examples(source.tokenizer),
-        cache_path(repo_id, "examples", "db", config.output_dir),
+        path,
         n_layers=source.n_layers,
         n_latents=source.n_latents,
+        origin=origin,
     )
+    if note:
+        print(note)
     print(f"Saved the examples of {repo_id} to {path}")
     examples = Examples(path)
     if config.push_to_hub:
@@ -606,4 +358,4 @@ def main(args: list[str] | None = None) -> Examples:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

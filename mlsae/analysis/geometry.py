@@ -34,6 +34,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mlsae.analysis.config import DEFAULT_MODEL_NAME, held_out_batches
+from mlsae.cli import run_command
+from mlsae.files import atomic_output
 from mlsae.model.transformer import Transformer
 from mlsae.trainer.config import DataConfig, initialize, parse
 from mlsae.utils import get_device
@@ -237,8 +239,7 @@ def adjacent_cos_sim(stack: Float[Tensor, "layer token d_model"]) -> Float[Tenso
 
 
 def write_rows(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as file:
+    with atomic_output(path) as partial, open(partial, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
@@ -268,4 +269,4 @@ def main(args: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

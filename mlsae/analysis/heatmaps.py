@@ -26,6 +26,8 @@ from torch import Tensor
 
 from mlsae.analysis.config import AnalysisConfig, cache_path
 from mlsae.analysis.source import LatentSource
+from mlsae.cli import run_command
+from mlsae.files import atomic_output
 from mlsae.trainer.config import initialize, parse
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -207,13 +209,12 @@ def prompt_latents(
 def write_prompt_latents(result: PromptLatents, stem: str | os.PathLike[str]) -> list[Path]:
     """Write `<stem>.json`, `<stem>-max.csv` and `<stem>-latents.csv`; returns the paths."""
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     json_path = stem.with_name(f"{stem.name}.json")
-    with open(json_path, "w") as file:
+    with atomic_output(json_path) as partial, open(partial, "w") as file:
         json.dump(result.to_json(), file, indent=1)
 
     max_path = stem.with_name(f"{stem.name}-max.csv")
-    with open(max_path, "w", newline="") as file:
+    with atomic_output(max_path) as partial, open(partial, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["layer", "block", "position", "token", "max_activation"])
         for layer, row in enumerate(result.max_activation.tolist()):
@@ -222,7 +223,7 @@ def write_prompt_latents(result: PromptLatents, stem: str | os.PathLike[str]) ->
                 writer.writerow([layer, result.blocks[layer], position, token, value])
 
     latents_path = stem.with_name(f"{stem.name}-latents.csv")
-    with open(latents_path, "w", newline="") as file:
+    with atomic_output(latents_path) as partial, open(partial, "w", newline="") as file:
         columns = ["latent", "layer", "block", "position", "token", "activation"]
         writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
@@ -252,4 +253,4 @@ def main(args: list[str] | None = None) -> PromptLatents:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

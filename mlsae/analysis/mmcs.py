@@ -29,6 +29,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mlsae.analysis.config import DEFAULT_MODEL_NAME, derived_name
+from mlsae.cli import run_command
+from mlsae.files import atomic_output
 from mlsae.trainer.config import initialize, parse
 from mlsae.utils import get_device, get_repo_id
 
@@ -168,8 +170,7 @@ def summary_row(repo_id: str, other_repo_id: str | None, result: MaxCosSim) -> d
 
 
 def write_latents(result: MaxCosSim, path: str | os.PathLike[str]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as file:
+    with atomic_output(path) as partial, open(partial, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["latent", "max_cos_sim", "partner"])
         rows = zip(result.values.tolist(), result.partners.tolist(), strict=True)
@@ -202,7 +203,8 @@ def save_mmcs(config: MMCSConfig) -> list[dict[str, Any]]:
         versus = f" vs {other_repo_id}" if other_repo_id else ""
         print(f"MMCS of {repo_id}{versus}: {rows[-1]['mean']:.4f}")
 
-    with open(output_dir / "mmcs.csv", "w", newline="") as file:
+    summary = atomic_output(output_dir / "mmcs.csv")
+    with summary as partial, open(partial, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
@@ -216,4 +218,4 @@ def main(args: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

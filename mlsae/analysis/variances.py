@@ -24,7 +24,8 @@ and over batches; here only active pairs and latents count, over the whole strea
 
 Outputs, in `--output_dir` (default `out/`): `<owner>-<name>-variances.csv` (one row),
 `...-variances-latents.csv` (one row per latent) and `...-variances-tokens.safetensors`
-(`token_ids`, `variance` and `n_active`, one entry per counted token, in stream order).
+(`token_ids`, `variance` and `n_active`, one entry per counted token, in stream order;
+its metadata records the model that wrote it).
 """
 
 import csv
@@ -32,7 +33,6 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +42,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mlsae.analysis.config import AnalysisConfig, cache_path, held_out_batches
+from mlsae.analysis.identity import (
+    OutputOrigin,
+    read_safetensors_origin,
+    replacement_note,
+    source_identity,
+)
 from mlsae.analysis.source import LatentBatch, LatentSource
+from mlsae.cli import run_command
+from mlsae.files import atomic_output
 from mlsae.trainer.config import DataConfig, initialize, parse
 
 LATENT_COLUMNS = ("latent", "active_tokens", "token_variance", "aggregate_variance")
@@ -256,8 +264,7 @@ def collect_variances(
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as file:
+    with atomic_output(path) as partial, open(partial, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -273,16 +280,20 @@ def save_variances(config: VariancesConfig) -> Variances:
         total=config.data.max_steps,
     )
     summary_path = cache_path(repo_id, "variances", "csv", config.output_dir)
+    tokens_path = summary_path.with_name(f"{summary_path.stem}-tokens.safetensors")
+    origin = OutputOrigin(model=source_identity(source), repo_id=repo_id)
+    note = replacement_note(tokens_path, read_safetensors_origin(tokens_path), origin)
     write_csv([{"repo_id": repo_id, **variances.summary()}], summary_path)
     write_csv(variances.latent_rows(), summary_path.with_name(f"{summary_path.stem}-latents.csv"))
-    save_file(
-        {
-            "token_ids": variances.token_ids.contiguous(),
-            "variance": variances.token_variance.contiguous(),
-            "n_active": variances.n_active.contiguous(),
-        },
-        summary_path.with_name(f"{summary_path.stem}-tokens.safetensors"),
-    )
+    tensors = {
+        "token_ids": variances.token_ids.contiguous(),
+        "variance": variances.token_variance.contiguous(),
+        "n_active": variances.n_active.contiguous(),
+    }
+    with atomic_output(tokens_path) as partial:
+        save_file(tensors, partial, metadata=origin.to_metadata() or None)
+    if note:
+        print(note)
     summary = variances.summary()
     print(
         f"{repo_id}: mean token variance {summary['mean_token_variance']:.4g}, mean aggregate "
@@ -299,4 +310,4 @@ def main(args: list[str] | None = None) -> Variances:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

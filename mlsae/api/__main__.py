@@ -1,4 +1,5 @@
+from mlsae.cli import run_command
 from mlsae.explorer.__main__ import main
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

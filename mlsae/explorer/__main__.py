@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+from fastapi import FastAPI
 
 from mlsae.analysis.config import cache_path
 from mlsae.analysis.examples import Examples
@@ -13,9 +14,21 @@ from mlsae.model.lightning import MLSAETransformer
 from mlsae.utils import get_device
 
 from .app import create_app
-from .service import ExamplesReader
+from .guards import DEFAULT_MAX_BODY_BYTES, WILDCARD_ADDRESSES, served_hosts
+from .service import DEFAULT_CACHE_BYTES, ExamplesReader
 
 logger = logging.getLogger("mlsae.explorer")
+
+
+def _mebibytes(text: str) -> float:
+    """A size in MiB from the command line: a number not below 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a size in MiB, 0 or more, not {text!r}")
+    return value
 
 
 def parse_args(args: list[str] | None = None) -> argparse.Namespace:
@@ -27,7 +40,12 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--repo_id", required=True, help="A pretrained -tfm model: hub id or local folder."
     )
-    parser.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="Address to listen on. Requests must name it or localhost in their Host "
+        "header; for 0.0.0.0, or behind a proxy, name the hosts with --allowed_hosts.",
+    )
     parser.add_argument("--port", type=int, default=8000, help="Port to listen on.")
     parser.add_argument(
         "--examples",
@@ -45,7 +63,36 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default=None, help="Default: CUDA when available.")
     parser.add_argument(
-        "--cache_size", type=int, default=8, help="Prompts whose forward passes are kept."
+        "--allowed_hosts",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="HOST",
+        help="More host names to answer (repeatable, or several at once), as clients "
+        "write them in the Host header, any port: this machine's name or address when "
+        "listening on 0.0.0.0, the public name behind a proxy; *.example.org for its "
+        "subdomains, * for any host (only behind a proxy that checks them). By default "
+        "only --host, localhost, 127.0.0.1 and ::1 are answered; requests naming other "
+        "hosts get 400, so that web pages cannot reach the server through DNS rebinding.",
+    )
+    parser.add_argument(
+        "--cache_size",
+        type=int,
+        default=8,
+        help="Prompts whose forward passes are kept, at most (--cache_mb bounds their memory).",
+    )
+    parser.add_argument(
+        "--cache_mb",
+        type=_mebibytes,
+        default=DEFAULT_CACHE_BYTES / 2**20,
+        help="Memory, in MiB, for the cached forward passes (3/4) and results (1/4); the "
+        "least recently used go first (default: %(default)g).",
+    )
+    parser.add_argument(
+        "--max_body_mb",
+        type=_mebibytes,
+        default=DEFAULT_MAX_BODY_BYTES / 2**20,
+        help="The largest request body, in MiB; larger ones get 413 (default: %(default)g).",
     )
     parser.add_argument(
         "--max_prompt_tokens",
@@ -63,15 +110,25 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(args)
 
 
-def find_examples(repo_id: str, examples: str | None, output_dir: str) -> ExamplesReader | None:
-    """The examples database to serve, or None (with a warning) when there is none."""
+def find_examples(
+    repo_id: str, examples: str | None, output_dir: str, model: object = None
+) -> ExamplesReader | None:
+    """The examples database to serve, or None (with a warning) when there is none.
+
+    Given `model` (the `MLSAETransformer` served, or its `model_identity`), a database
+    that another model wrote is refused with an `OutputOfAnotherModelError` that says to
+    rerun the examples analysis (docs/analysis-outputs.md has the rules).
+    """
     if examples is not None:
         path = Path(examples)
-        if path.suffix != ".db":
-            path = Examples(examples, output_dir).path
+        if path.suffix != ".db" or model is not None:
+            with Examples(examples, output_dir, model=model) as opened:
+                path = opened.path
         return ExamplesReader(path)
     cached = cache_path(repo_id, "examples", "db", output_dir)
     if cached.is_file():
+        if model is not None:
+            Examples(repo_id, output_dir, model=model).close()
         return ExamplesReader(cached)
     hint = (
         f"no examples for {repo_id} in {output_dir}/: the examples panel stays empty. "
@@ -81,10 +138,28 @@ def find_examples(repo_id: str, examples: str | None, output_dir: str) -> Exampl
         logger.warning(hint)
         return None
     try:
-        return ExamplesReader(Examples(repo_id, output_dir).path)
+        with Examples(repo_id, output_dir, model=model) as imported:
+            return ExamplesReader(imported.path)
     except Exception as error:  # the hub dataset may not exist or the hub be unreachable
         logger.warning("%s (%s: %s)", hint, type(error).__name__, error)
         return None
+
+
+def build_app(
+    options: argparse.Namespace, model: MLSAETransformer, examples: ExamplesReader | None
+) -> FastAPI:
+    """The app that `main` serves for these command-line options."""
+    return create_app(
+        model,
+        examples,
+        repo_id=options.repo_id,
+        cache_size=options.cache_size,
+        cache_bytes=int(options.cache_mb * 2**20),
+        max_prompt_tokens=options.max_prompt_tokens,
+        cors_origins=options.cors_origin,
+        allowed_hosts=served_hosts(options.host, options.allowed_hosts),
+        max_body_bytes=int(options.max_body_mb * 2**20),
+    )
 
 
 def main(args: list[str] | None = None) -> None:
@@ -96,18 +171,18 @@ def main(args: list[str] | None = None) -> None:
     logger.info("loading %s", options.repo_id)
     model = MLSAETransformer.from_pretrained(options.repo_id, **overrides)
     model.to(torch.device(options.device) if options.device else get_device())
-    examples = find_examples(options.repo_id, options.examples, options.output_dir)
-    app = create_app(
-        model,
-        examples,
-        repo_id=options.repo_id,
-        cache_size=options.cache_size,
-        max_prompt_tokens=options.max_prompt_tokens,
-        cors_origins=options.cors_origin,
-    )
+    examples = find_examples(options.repo_id, options.examples, options.output_dir, model=model)
+    app = build_app(options, model, examples)
+    if options.host in WILDCARD_ADDRESSES and not options.allowed_hosts:
+        logger.warning(
+            "listening on every interface but answering only localhost: name the hosts "
+            "clients use with --allowed_hosts"
+        )
     logger.info("serving on http://%s:%d/", options.host, options.port)
     uvicorn.run(app, host=options.host, port=options.port)
 
 
 if __name__ == "__main__":
-    main()
+    from mlsae.cli import run_command
+
+    run_command(main)

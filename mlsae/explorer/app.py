@@ -3,15 +3,17 @@ the page at `/` and its files under `/static/`.
 
 Routes are plain functions, so FastAPI runs them in its thread pool and the event loop
 stays free while the model runs; the service lets one request at a time use the model.
+Before any route, `RequestGuard` checks the Host header, the body's media type and size.
+Error responses never repeat the request's values: a validation error names the field
+and what is wrong with it.
 """
 
 import logging
-import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
@@ -22,7 +24,14 @@ from mlsae.model.lightning import MLSAETransformer
 
 from . import schemas
 from .compat import compat_router
-from .service import ExamplesReader, ExplorerInputError, ExplorerService, NotAvailableError
+from .guards import DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS, RequestGuard
+from .service import (
+    DEFAULT_CACHE_BYTES,
+    ExamplesReader,
+    ExplorerInputError,
+    ExplorerService,
+    NotAvailableError,
+)
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -39,8 +48,11 @@ def create_app(
     *,
     repo_id: str | None = None,
     cache_size: int = 8,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
     max_prompt_tokens: int | None = None,
     cors_origins: list[str] | None = None,
+    allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """The explorer for `model`.
 
@@ -49,15 +61,23 @@ def create_app(
         examples: Its top activating examples (an `Examples` or the path of its SQLite
             database); None serves none.
         repo_id: Where the model came from, shown on the page.
-        cache_size: How many prompts' forward passes are kept.
+        cache_size: How many prompts' forward passes are kept, at most.
+        cache_bytes: What the caches of forward passes and results may hold in all
+            (`ExplorerService` says how it is shared).
         max_prompt_tokens: The longest prompt, in tokens (default: the model's context).
         cors_origins: Origins allowed to call the API from another site (default: none).
+        allowed_hosts: The Host headers served, with any port: names, `*.example.org`
+            for subdomains, or `*` for any (default: this machine's loopback names, for
+            a server on 127.0.0.1). Others are answered 400, which keeps web pages from
+            reaching the server through a DNS name rebound to its address.
+        max_body_bytes: The largest request body; larger ones are answered 413.
     """
     service = ExplorerService(
         model,
         examples,
         repo_id=repo_id,
         cache_size=cache_size,
+        cache_bytes=cache_bytes,
         max_prompt_tokens=max_prompt_tokens,
     )
     app = FastAPI(
@@ -73,6 +93,7 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type"],
         )
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(ExplorerInputError)
     @app.exception_handler(NotAvailableError)
@@ -81,8 +102,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        # FastAPI's own handler echoes the input, which fails to serialise if it is NaN.
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(error.errors()))}, 422)
+        return JSONResponse({"detail": public_errors(error.errors())}, 422)
 
     @app.exception_handler(Exception)
     def unexpected_error(request: Request, error: Exception) -> JSONResponse:
@@ -158,12 +178,26 @@ def create_app(
     return app
 
 
-def _json_safe(value: Any) -> Any:
-    """`value` with non-finite floats written as strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    return value
+_MAX_LOCATION_CHARS = 64
+_MAX_MESSAGE_CHARS = 300
+
+
+def public_errors(errors: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validation errors as the API answers them: type, location and message, without the
+    `input` and `ctx` that repeat the request (of any size, or not even valid Unicode).
+    Field names in locations, which a request chooses, are cut short."""
+    return [
+        {
+            "type": str(error.get("type", "")),
+            "loc": [_short(part, _MAX_LOCATION_CHARS) for part in error.get("loc", ())],
+            "msg": _short(str(error.get("msg", "")), _MAX_MESSAGE_CHARS),
+        }
+        for error in errors
+    ]
+
+
+def _short(part: Any, limit: int) -> str | int:
+    if isinstance(part, int) and not isinstance(part, bool):
+        return part
+    text = str(part).encode("utf-8", "replace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -12,7 +12,7 @@ import json
 
 import torch
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .schemas import Example, Latent, Layer, Logit, Prompt
 from .service import ExplorerService
@@ -24,21 +24,28 @@ HISTOGRAM_BINS = 64
 """Histogram bins, as the original's default."""
 
 
-class PromptRequest(BaseModel):
+class CompatBody(BaseModel):
+    """A request body of the original API: unknown fields are ignored, as there, but
+    values are not coerced."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class PromptRequest(CompatBody):
     prompt: Prompt
 
 
-class ExamplesRequest(BaseModel):
+class ExamplesRequest(CompatBody):
     layer: Layer
     latent: Latent
 
 
-class PromptLogitsReconRequest(BaseModel):
+class PromptLogitsReconRequest(CompatBody):
     prompt: Prompt
     layer: Layer
 
 
-class PromptLogitsSteerRequest(BaseModel):
+class PromptLogitsSteerRequest(CompatBody):
     prompt: Prompt
     latent: Latent
     layer: Layer

@@ -26,8 +26,21 @@ Latent = Annotated[int, Field(ge=0, description="A latent, 0 .. n_latents - 1.")
 TopN = Annotated[int, Field(ge=1, le=MAX_TOP_N, description="Entries per position.")]
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why `text` is not valid Unicode (a lone UTF-16 surrogate, which JSON can spell as
+    `"\\udcff"`), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"is not valid Unicode: character {error.start} is a lone surrogate"
+    return None
+
+
 class StrictBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: no unknown fields, and no coercion (`true` or `"3"` is not an
+    integer; an integer is still a float)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class PromptRequest(StrictBody):
@@ -114,18 +127,21 @@ class Tokens(BaseModel):
 
 
 class LayerMetrics(BaseModel):
+    """One layer's metrics; each is None where it is not defined (no loss for a one-token
+    prompt, no L0 without positions that count)."""
+
     layer: int
     block: int
-    fvu: float
+    fvu: float | None
     """Fraction of variance unexplained by the reconstruction."""
-    mse: float
-    l0: float
+    mse: float | None
+    l0: float | None
     """Mean number of latents above the dead threshold per position."""
-    loss: float
+    loss: float | None
     """Next-token cross-entropy (nats) with this layer's reconstruction spliced in."""
-    loss_delta: float
+    loss_delta: float | None
     """`loss` minus the model's own loss."""
-    kl_div: float
+    kl_div: float | None
     """KL divergence of the spliced logits from the model's own, per position."""
 
 

@@ -1,9 +1,10 @@
 """The maths behind the explorer: one pretrained MLSAE, one prompt at a time.
 
 `ExplorerService` tokenises a prompt, runs the transformer and the autoencoder once, and
-keeps the result in a bounded LRU cache, so the many requests a page makes for one prompt
-run the model once. Each intervention (a layer's reconstruction spliced in, a steered
-residual stream) is one more forward pass, cached by its arguments.
+keeps the result in an LRU cache bounded by count and by bytes, so the many requests a page
+makes for one prompt run the model once. Each intervention (a layer's reconstruction
+spliced in, a steered residual stream) is one more forward pass, cached by its arguments
+in a second such cache, compactly: the top entries per position, not the dense logits.
 
 Conventions:
 
@@ -22,31 +23,49 @@ Conventions:
 - KL divergences are KL(intervened || model's own), per position, in nats.
 """
 
+import logging
 import math
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
-from mlsae.analysis.examples import Example as StoredExample
 from mlsae.analysis.examples import Examples
-from mlsae.model.autoencoder import standardize
-from mlsae.model.lightning import MLSAETransformer, ResidualStream
-from mlsae.model.losses import layerwise_mse_and_var
+from mlsae.model.lightning import MLSAETransformer
 
 from . import schemas
+from .cache import LRUCache
+from .examples_reader import ExamplesReader, open_examples
+from .logits import (
+    LogitComparison,
+    TopEntries,
+    compare_logits,
+    largest_logits,
+    logit_changes,
+    logit_rows,
+)
+from .prompt import (
+    PromptAnalysis,
+    activation_histograms,
+    analyse_tokens,
+    context_length,
+    latent_trace,
+    prompt_metrics,
+    reconstructed_stream,
+    steered_stream,
+    training_metrics,
+)
 
 T = TypeVar("T")
 
-_CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
-_UNBOUNDED_TOKENIZER = 10**9
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 512 * 2**20
+"""What the two caches together may hold by default."""
 
 
 class ExplorerInputError(ValueError):
@@ -61,118 +80,6 @@ class NotAvailableError(LookupError):
     status_code = 404
 
 
-class LRUCache:
-    """At most `maxsize` values, the least recently used evicted first."""
-
-    def __init__(self, maxsize: int) -> None:
-        if maxsize < 1:
-            raise ValueError(f"maxsize must be at least 1, got {maxsize}")
-        self.maxsize = maxsize
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get_or_compute(self, key: Hashable, compute: Callable[[], T]) -> T:
-        if key in self._items:
-            self._items.move_to_end(key)
-            self.hits += 1
-            return self._items[key]
-        self.misses += 1
-        value = compute()
-        self._items[key] = value
-        while len(self._items) > self.maxsize:
-            self._items.popitem(last=False)
-        return value
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._items
-
-    def clear(self) -> None:
-        self._items.clear()
-
-
-@dataclass(frozen=True)
-class PromptAnalysis:
-    """What one forward pass of the transformer and the autoencoder gives for a prompt."""
-
-    token_ids: Int[Tensor, "1 pos"]
-    special: Bool[Tensor, " pos"]
-    counted: Bool[Tensor, " pos"]
-    """The positions that count (all but special ones, unless the model counts them)."""
-    stream: ResidualStream
-    """The residual stream after each layer's block (`raw`, in the transformer's space)
-    and what the autoencoder encoded (`inputs`)."""
-    values: Float[Tensor, "layer pos k"]
-    """The selected activations after ReLU, 0 at positions that do not count."""
-    indices: Int[Tensor, "layer pos k"]
-    recons: Float[Tensor, "layer 1 pos d_model"]
-    """The reconstructions in the transformer's space."""
-
-    @property
-    def n_positions(self) -> int:
-        return self.token_ids.shape[1]
-
-    @property
-    def raw(self) -> Float[Tensor, "layer 1 pos d_model"]:
-        return self.stream.raw
-
-    @property
-    def inputs(self) -> Float[Tensor, "layer 1 pos d_model"]:
-        return self.stream.inputs
-
-    @property
-    def mask(self) -> Bool[Tensor, "1 pos"]:
-        return self.counted[None]
-
-
-class ExamplesReader:
-    """An examples database, opened once per thread (sqlite connections are per thread)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"no examples database at {self.path}")
-        self._local = threading.local()
-
-    def get(self, layer: int, latent: int) -> list[StoredExample]:
-        examples = getattr(self._local, "examples", None)
-        if examples is None:
-            examples = self._local.examples = Examples(self.path)
-        return examples.get(layer, latent)
-
-
-def open_examples(
-    examples: "Examples | ExamplesReader | str | Path | None",
-) -> ExamplesReader | None:
-    if examples is None or isinstance(examples, ExamplesReader):
-        return examples
-    if isinstance(examples, Examples):
-        return ExamplesReader(examples.path)
-    return ExamplesReader(examples)
-
-
-def context_length(model: MLSAETransformer) -> int:
-    """The most tokens the transformer takes: its position limit, else the tokenizer's,
-    else the MLSAE's training length."""
-    config = model.transformer.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in _CONTEXT_ATTRIBUTES:
-        value = getattr(text_config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    tokenizer_limit = getattr(model.transformer.tokenizer, "model_max_length", None)
-    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < _UNBOUNDED_TOKENIZER:
-        return tokenizer_limit
-    return model.max_length
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 class ExplorerService:
     """Prompt analyses of one `MLSAETransformer`, cached. Thread-safe: one request at a
     time uses the model."""
@@ -185,6 +92,7 @@ class ExplorerService:
         repo_id: str | None = None,
         cache_size: int = 8,
         results_cache_size: int = 256,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
         max_prompt_tokens: int | None = None,
     ) -> None:
         """
@@ -193,9 +101,13 @@ class ExplorerService:
             examples: The top activating examples: an `Examples`, or the path of its
                 SQLite database; None serves none.
             repo_id: Where the model came from, for the parameters.
-            cache_size: How many prompts' forward passes are kept.
+            cache_size: How many prompts' forward passes are kept, at most.
             results_cache_size: How many derived results (logits, interventions,
-                metrics) are kept.
+                metrics) are kept, at most.
+            cache_bytes: What the caches may hold in all: three quarters for the forward
+                passes, one quarter for the derived results. Tensors count wherever they
+                live (GPU memory for a model on a GPU). A forward pass larger than its
+                share is computed for every request instead of kept.
             max_prompt_tokens: The longest prompt, in tokens (default and at most: the
                 transformer's context length).
         """
@@ -211,8 +123,9 @@ class ExplorerService:
         self.k = model.k
         context = context_length(model)
         self.max_prompt_tokens = min(max_prompt_tokens or context, context)
-        self.analyses = LRUCache(cache_size)
-        self.results = LRUCache(results_cache_size)
+        results_bytes = cache_bytes // 4
+        self.analyses = LRUCache(cache_size, max_bytes=cache_bytes - results_bytes)
+        self.results = LRUCache(results_cache_size, max_bytes=results_bytes)
         self._lock = threading.RLock()
         self._token_texts: dict[int, str] = {}
 
@@ -235,6 +148,9 @@ class ExplorerService:
         """The prompt's token ids, checked against the context length."""
         if not prompt:
             raise ExplorerInputError("prompt must not be empty")
+        problem = schemas.unicode_problem(prompt)
+        if problem:
+            raise ExplorerInputError(f"prompt {problem}")
         ids = self.tokenizer(prompt, verbose=False)["input_ids"]
         if not ids:
             raise ExplorerInputError("prompt has no tokens")
@@ -289,39 +205,27 @@ class ExplorerService:
     def analyse(self, prompt: str) -> PromptAnalysis:
         """The prompt's forward pass, from the cache when it is there."""
         with self._lock:
-            return self.analyses.get_or_compute(prompt, lambda: self._analyse(prompt))
+            return self._get_or_compute(self.analyses, prompt, lambda: self._analyse(prompt))
 
-    @torch.no_grad()
     def _analyse(self, prompt: str) -> PromptAnalysis:
-        model = self.model
-        token_ids = torch.tensor([self.token_ids(prompt)], device=model.device)
-        stream = model.residual_stream(token_ids)
-        output = model.autoencoder(stream.inputs)
-        n_positions = token_ids.shape[1]
-        counted = (
-            stream.mask[0]
-            if stream.mask is not None
-            else torch.ones(n_positions, dtype=torch.bool, device=token_ids.device)
-        )
-        special = (
-            stream.special[0]
-            if stream.special is not None
-            else self.transformer.special_token_mask(token_ids)[0]
-        )
-        values = output.topk.values[:, 0].masked_fill(~counted[None, :, None], 0.0)
-        return PromptAnalysis(
-            token_ids=token_ids,
-            special=special,
-            counted=counted,
-            stream=stream,
-            values=values,
-            indices=output.topk.indices[:, 0],
-            recons=model.to_transformer_space(output.recons),
-        )
+        token_ids = torch.tensor([self.token_ids(prompt)], device=self.model.device)
+        return analyse_tokens(self.model, token_ids)
 
     def _cached(self, key: Hashable, compute: Callable[[], T]) -> T:
         with self._lock:
-            return self.results.get_or_compute(key, compute)
+            return self._get_or_compute(self.results, key, compute)
+
+    def _get_or_compute(self, cache: LRUCache, key: Hashable, compute: Callable[[], T]) -> T:
+        first_too_large = cache.too_large == 0
+        value = cache.get_or_compute(key, compute)
+        if first_too_large and cache.too_large:
+            logger.warning(
+                "an entry of %.1f MB does not fit the cache's %.1f MB and is recomputed for "
+                "every request: give the explorer more cache (--cache_mb)",
+                cache.sizeof(key, value) / 1e6,
+                cache.max_bytes / 1e6,
+            )
+        return value
 
     # Latents -------------------------------------------------------------------------
 
@@ -355,105 +259,49 @@ class ExplorerService:
         return dense.scatter_(-1, analysis.indices, analysis.values)
 
     def latent(self, prompt: str, latent: int) -> schemas.LatentTrace:
-        self.check_latent(latent)
-        analysis = self.analyse(prompt)
-        acts = torch.where(analysis.indices == latent, analysis.values, 0.0).sum(-1)
-        weights = acts.sum(-1)
-        total = float(weights.sum())
-        layer_mean = None
-        if total > 0:
-            layers = torch.arange(self.n_layers, dtype=weights.dtype, device=weights.device)
-            layer_mean = float((weights * layers).sum()) / total
-        return schemas.LatentTrace(
-            latent=latent, acts=acts.tolist(), max=float(acts.max()), layer_mean=layer_mean
-        )
+        return latent_trace(self.analyse(prompt), self.check_latent(latent))
 
     def histograms(self, prompt: str, bins: int = 32) -> schemas.Histograms:
-        analysis = self.analyse(prompt)
-        counted = analysis.values[:, analysis.counted]
-        top = max(float(counted.max()) if counted.numel() else 0.0, 1e-6)
-        counts, zeros = [], []
-        for layer_values in counted:
-            firing = layer_values[layer_values > 0]
-            counts.append(torch.histc(firing, bins=bins, min=0.0, max=top).long().tolist())
-            zeros.append(int(layer_values.numel() - firing.numel()))
-        edges = torch.linspace(0.0, top, bins + 1).tolist()
-        return schemas.Histograms(edges=edges, counts=counts, zeros=zeros)
+        return activation_histograms(self.analyse(prompt), bins)
 
     # Metrics -------------------------------------------------------------------------
 
     def metrics(self, prompt: str) -> schemas.Metrics:
-        return self._cached(("metrics", prompt), lambda: self._metrics(prompt))
-
-    @torch.no_grad()
-    def _metrics(self, prompt: str) -> schemas.Metrics:
-        model, analysis = self.model, self.analyse(prompt)
-        stream = analysis.stream
-        output = model.autoencoder(stream.inputs)
-        mse, var = layerwise_mse_and_var(stream.inputs, output.recons, stream.mask)
-        fired = (analysis.values > model.dead_threshold).sum(-1).float()
-        n_counted = int(analysis.counted.sum())
-        l0 = fired[:, analysis.counted].mean(-1) if n_counted else torch.full_like(mse, math.nan)
-        spliced = model.spliced_metrics(analysis.token_ids, stream, analysis.recons)
-        kl_per_position = spliced["kl"] / max(n_counted, 1)
-        own_loss = float(spliced["loss_true"][0]) if analysis.n_positions > 1 else math.nan
-        layers = []
-        for layer in range(self.n_layers):
-            loss = float(spliced["loss_pred"][layer]) if analysis.n_positions > 1 else math.nan
-            layers.append(
-                schemas.LayerMetrics(
-                    layer=layer,
-                    block=model.layers[layer],
-                    fvu=_finite_or_none(float(mse[layer] / var[layer])),
-                    mse=_finite_or_none(float(mse[layer])),
-                    l0=_finite_or_none(float(l0[layer])),
-                    loss=_finite_or_none(loss),
-                    loss_delta=_finite_or_none(loss - own_loss),
-                    kl_div=_finite_or_none(float(kl_per_position[layer])),
-                )
-            )
-        return schemas.Metrics(n_tokens=n_counted, loss=_finite_or_none(own_loss), layers=layers)
+        """Per layer: FVU, MSE, L0, and the spliced next-token loss and KL divergence."""
+        dumped = self._cached(
+            ("metrics", prompt),
+            lambda: prompt_metrics(self.model, self.analyse(prompt)).model_dump(),
+        )
+        return schemas.Metrics.model_validate(dumped)
 
     def training_metrics(self, prompt: str) -> dict[str, float | None]:
         """The model's training metrics (`train/fvu/layer_0`, ...) on the prompt."""
-        return self._cached(("training-metrics", prompt), lambda: self._training_metrics(prompt))
-
-    @torch.no_grad()
-    def _training_metrics(self, prompt: str) -> dict[str, float | None]:
-        model, analysis = self.model, self.analyse(prompt)
-        output = model.autoencoder(analysis.inputs)
-        metrics = model.train_metrics.clone()
-        metrics.reset()
-        values = metrics(
-            inputs=analysis.inputs,
-            recons=output.recons,
-            values=output.topk.values,
-            indices=output.topk.indices,
-            mask=analysis.stream.mask,
+        return dict(
+            self._cached(
+                ("training-metrics", prompt),
+                lambda: training_metrics(self.model, self.analyse(prompt)),
+            )
         )
-        return {name: _finite_or_none(float(value)) for name, value in values.items()}
 
     # Logits --------------------------------------------------------------------------
 
     def top_logits(self, prompt: str, top_n: int = 10) -> schemas.TopLogits:
-        return self._cached(("logits", prompt, top_n), lambda: self._top_logits(prompt, top_n))
+        top = self._cached(("logits", prompt, top_n), lambda: self._top_logits(prompt, top_n))
+        return schemas.TopLogits(top=logit_rows(top, self.token_text))
 
     @torch.no_grad()
-    def _top_logits(self, prompt: str, top_n: int) -> schemas.TopLogits:
+    def _top_logits(self, prompt: str, top_n: int) -> TopEntries:
         analysis = self.analyse(prompt)
         logits = self.transformer.model(input_ids=analysis.token_ids, use_cache=False).logits
-        return schemas.TopLogits(top=self._largest_logits(logits[0].float(), top_n))
+        return largest_logits(logits[0].float(), top_n)
 
     def reconstruction(self, prompt: str, layer: int, top_n: int = 10) -> schemas.LogitChanges:
         self.check_layer(layer)
-        return self._cached(
-            ("recon", prompt, layer, top_n), lambda: self._reconstruction(prompt, layer, top_n)
+        comparison = self._cached(
+            ("recon", prompt, layer, top_n),
+            lambda: self._intervene(self.analyse(prompt), layer, top_n, reconstructed_stream),
         )
-
-    def _reconstruction(self, prompt: str, layer: int, top_n: int) -> schemas.LogitChanges:
-        analysis = self.analyse(prompt)
-        spliced = torch.where(analysis.mask[None, :, :, None], analysis.recons, analysis.raw)
-        return self._intervene(analysis, layer, spliced, top_n)
+        return logit_changes(comparison, layer, self.model.layers[layer], self.token_text)
 
     def steering(
         self,
@@ -478,93 +326,28 @@ class ExplorerService:
             positions = sorted(set(positions))
         chosen = None if positions is None else tuple(positions)
         key = ("steer", prompt, latent, layer, factor, chosen, top_n)
-        return self._cached(
-            key, lambda: self._steering(analysis, latent, layer, factor, positions, top_n)
-        )
 
-    @torch.no_grad()
-    def _steering(
-        self,
-        analysis: PromptAnalysis,
-        latent: int,
-        layer: int,
-        factor: float,
-        positions: list[int] | None,
-        top_n: int,
-    ) -> schemas.LogitChanges:
-        model = self.model
-        steered_positions = analysis.counted.clone()
-        if positions is not None:
-            chosen = torch.zeros_like(steered_positions)
-            chosen[positions] = True
-            steered_positions &= chosen
-        inputs = analysis.inputs
-        scale = (
-            standardize(inputs)[1].std if model.standardize else torch.ones_like(inputs[..., :1])
-        )
-        direction = model.autoencoder.decoder.weight[:, latent].to(inputs.dtype)
-        in_layer = torch.zeros(self.n_layers, dtype=torch.bool, device=inputs.device)
-        in_layer[layer] = True
-        where = in_layer[:, None, None, None] & steered_positions[None, None, :, None]
-        step = torch.where(where, factor * scale * direction, 0.0)
-        if model.lens is None:
-            steered = analysis.raw + step
-        else:
-            shift = model.to_transformer_space(inputs + step) - model.to_transformer_space(inputs)
-            steered = analysis.raw + torch.where(where, shift, 0.0)
-        return self._intervene(analysis, layer, steered, top_n)
+        def steer(analysis: PromptAnalysis) -> Float[Tensor, "layer 1 pos d_model"]:
+            return steered_stream(self.model, analysis, latent, layer, factor, positions)
+
+        comparison = self._cached(key, lambda: self._intervene(analysis, layer, top_n, steer))
+        return logit_changes(comparison, layer, self.model.layers[layer], self.token_text)
 
     @torch.no_grad()
     def _intervene(
         self,
         analysis: PromptAnalysis,
         layer: int,
-        modified: Float[Tensor, "layer 1 pos d_model"],
         top_n: int,
-    ) -> schemas.LogitChanges:
-        """The model's own logits against those with `modified[layer]` spliced in, both
-        from one forward pass: splicing the unmodified stream gives the model's own."""
-        stack = torch.cat([analysis.raw, modified], dim=1)
+        modify: Callable[[PromptAnalysis], Float[Tensor, "layer 1 pos d_model"]],
+    ) -> LogitComparison:
+        """The model's own logits against those with `modify(analysis)[layer]` spliced
+        in, both from one forward pass: splicing the unmodified stream gives the model's
+        own."""
+        stack = torch.cat([analysis.raw, modify(analysis)], dim=1)
         tokens = analysis.token_ids.expand(2, -1)
         logits = self.transformer.forward_at_layer(stack, layer, "logits", tokens).float()
-        own, after = logits[0], logits[1]
-        change = after - own
-        log_own, log_after = F.log_softmax(own, -1), F.log_softmax(after, -1)
-        kl_div = (log_after.exp() * (log_after - log_own)).sum(-1).clamp(min=0.0)
-        return schemas.LogitChanges(
-            layer=layer,
-            block=self.model.layers[layer],
-            top=self._largest_logits(after, top_n),
-            increased=self._largest_changes(change, top_n, largest=True),
-            decreased=self._largest_changes(change, top_n, largest=False),
-            kl_div=kl_div.tolist(),
-        )
-
-    def _largest_logits(self, logits: Float[Tensor, "pos vocab"], top_n: int) -> list:
-        top_n = min(top_n, logits.shape[-1])
-        probs = logits.softmax(-1)
-        values, ids = logits.topk(top_n, dim=-1)
-        chosen_probs = probs.gather(-1, ids)
-        return [
-            [
-                schemas.Logit(id=token_id, token=self.token_text(token_id), logit=value, prob=prob)
-                for token_id, value, prob in zip(*row, strict=True)
-            ]
-            for row in zip(ids.tolist(), values.tolist(), chosen_probs.tolist(), strict=True)
-        ]
-
-    def _largest_changes(
-        self, change: Float[Tensor, "pos vocab"], top_n: int, largest: bool
-    ) -> list:
-        top_n = min(top_n, change.shape[-1])
-        values, ids = change.topk(top_n, dim=-1, largest=largest)
-        return [
-            [
-                schemas.Logit(id=token_id, token=self.token_text(token_id), logit=value)
-                for token_id, value in zip(row_ids, row_values, strict=True)
-            ]
-            for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
-        ]
+        return compare_logits(logits[0], logits[1], top_n)
 
     # Examples ------------------------------------------------------------------------
 

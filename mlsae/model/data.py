@@ -6,7 +6,8 @@ dists and examples depend on it:
 1. Documents are read in order and taken `GROUP_SIZE` (1,024) at a time.
 2. Each group is joined into one string `EOS + doc_1 + EOS + doc_2 + ...`, where EOS is
    `tokenizer.eos_token`, and tokenised once, with no special tokens added beyond those
-   literal EOS strings.
+   literal EOS strings. A document over `MAX_DOCUMENT_CHARS` characters is tokenised in
+   pieces cut at whitespace instead (see `mlsae.model.token_stream`).
 3. The tokens are cut into blocks of `max_length`, and the last block of each group is
    dropped. Like the original, it is dropped even when it happens to be complete. The
    dropped tokens are counted (`TokenBlocks.dropped_tokens`) and logged.
@@ -19,20 +20,27 @@ starts after them), when both read the same data.
 
 Text comes from a Hugging Face hub dataset (streamed) or from local `.jsonl`, `.json`,
 `.jsonl.zst` (or `.gz`, `.bz2`, `.xz`), `.parquet` and `.txt` files, given as one file, a
-directory, or a glob. A `.txt` file holds one document per line.
+directory, or a glob (see `mlsae.model.documents`). A document without text (a missing
+or null text column) stops the stream with a `BadDocumentError` naming its file and
+line, unless `skip_bad_documents`, which leaves it out and counts it. docs/data.md
+describes the stream in full.
 """
 
-import glob
 import logging
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
-import datasets
 import torch
 from jaxtyping import Int
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
+
+# Also re-exported: the parts of the stream, from the modules that define them.
+from mlsae.model.documents import GROUP_SIZE, SkippedDocument, describe_document, iter_text_groups
+from mlsae.model.documents import BadDocumentError as BadDocumentError
+from mlsae.model.documents import load_text_dataset as load_text_dataset
+from mlsae.model.token_stream import MAX_DOCUMENT_CHARS, concat_and_tokenize, load_tokenizer
+from mlsae.model.token_stream import split_long_document as split_long_document
 
 logger = logging.getLogger(__name__)
 
@@ -42,177 +50,12 @@ DEFAULT_TRAIN_PATH = "monology/pile-uncopyrighted"
 DEFAULT_TEST_PATH = "data/test.jsonl.zst"
 """The file that the original test and analysis flows read (the Pile test split)."""
 
-GROUP_SIZE = 1024
-"""The number of documents joined and tokenised together (the original's `map` batch)."""
-
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
-_COMPRESSIONS = (".zst", ".gz", ".bz2", ".xz")
-_GLOB_CHARS = ("*", "?", "[")
-
 Batch = dict[str, Int[Tensor, "batch pos"]]
 
 
 def max_steps(max_tokens: int | float, batch_size: int, max_length: int) -> int:
     """The number of whole batches of `batch_size x max_length` tokens in `max_tokens`."""
     return int(max_tokens) // (batch_size * max_length)
-
-
-def load_tokenizer(tokenizer: str | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Load a tokenizer by hub id or local directory, or pass one through; it needs EOS."""
-    if isinstance(tokenizer, str):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    if tokenizer.eos_token is None:
-        raise ValueError(
-            f"the tokenizer {tokenizer.name_or_path!r} has no eos_token, "
-            "which separates documents in the token stream"
-        )
-    return tokenizer
-
-
-def concat_and_tokenize(
-    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> tuple[Int[Tensor, "block pos"], int]:
-    """Tokenise one group of documents into blocks, as the original did.
-
-    Returns the kept blocks and the number of tokens dropped: those of the last block,
-    which is dropped whether or not it is complete.
-    """
-    if max_length < 1:
-        raise ValueError(f"max_length must be positive, got {max_length}")
-    text = tokenizer.eos_token + tokenizer.eos_token.join(texts)
-    token_ids = tokenizer(
-        text,
-        add_special_tokens=False,
-        truncation=False,
-        return_attention_mask=False,
-        # The whole group is longer than model_max_length by design; no warning.
-        verbose=False,
-    )["input_ids"]
-    n_chunks = -(-len(token_ids) // max_length)
-    n_kept = max(n_chunks - 1, 0) * max_length
-    blocks = torch.tensor(token_ids[:n_kept], dtype=torch.long).view(-1, max_length)
-    return blocks, len(token_ids) - n_kept
-
-
-def _is_glob(path: str) -> bool:
-    return any(char in path for char in _GLOB_CHARS)
-
-
-def _builder_for(file: str) -> str | None:
-    """The `datasets` builder that reads `file`, from its extension, or None."""
-    name = file.lower()
-    for compression in _COMPRESSIONS:
-        if name.endswith(compression):
-            name = name[: -len(compression)]
-            break
-    return _BUILDERS.get(os.path.splitext(name)[1])
-
-
-def _looks_local(path: str) -> bool:
-    """Whether `path` names local files rather than a hub dataset id."""
-    return (
-        _is_glob(path)
-        or os.path.isabs(path)
-        or path.startswith((".", "~"))
-        or _builder_for(path) is not None
-        or os.path.exists(path)
-    )
-
-
-def _builder_for_files(files: list[str], path: str) -> str:
-    builders = {_builder_for(file) for file in files}
-    if None in builders or len(builders) != 1:
-        raise ValueError(
-            f"{path!r} matches files of unsupported or mixed types ({sorted(files)[:5]}); "
-            f"expected all of one of: {', '.join(_BUILDERS)} (optionally compressed with "
-            f"{', '.join(_COMPRESSIONS)})"
-        )
-    return builders.pop()  # type: ignore[return-value]
-
-
-def load_text_dataset(
-    path: str, split: str = "train", name: str | None = None
-) -> datasets.IterableDataset:
-    """Stream the rows of a hub dataset or of local text files.
-
-    Args:
-        path: a hub dataset id (e.g. `monology/pile-uncopyrighted`), or a local file, a
-            directory, or a glob of `.jsonl[.zst]`, `.json`, `.parquet` or `.txt` files.
-        split: the split of a hub dataset or a directory (whose files `datasets` assigns
-            to splits by name, e.g. `train.jsonl.zst`, `validation.jsonl.zst`). A file or
-            a glob is one split, whatever is asked.
-        name: the configuration (subset) of a hub dataset.
-    """
-    path = os.path.expanduser(path)
-    if not _looks_local(path):
-        return datasets.load_dataset(path, name=name, split=split, streaming=True)
-    if os.path.isdir(path):
-        try:
-            return datasets.load_dataset(path, split=split, streaming=True)
-        except (datasets.exceptions.DataFilesNotFoundError, FileNotFoundError) as error:
-            raise FileNotFoundError(f"no readable data files in {path!r}: {error}") from error
-        except StopIteration as error:
-            raise ValueError(f"{path!r} (split {split!r}) holds no documents") from error
-        except Exception as error:
-            raise ValueError(f"could not read {path!r} (split {split!r}): {error!r}") from error
-    if _is_glob(path):
-        files = sorted(file for file in glob.glob(path, recursive=True) if os.path.isfile(file))
-        if not files:
-            raise FileNotFoundError(f"no files match {path!r}")
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise FileNotFoundError(f"no such file or directory: {path!r}")
-    builder = _builder_for_files(files, path)
-    try:
-        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
-    except StopIteration as error:
-        raise ValueError(f"{path!r} holds no documents") from error
-    except Exception as error:
-        raise ValueError(f"could not read {path!r} as {builder}: {error!r}") from error
-
-
-def iter_text_groups(
-    path: str,
-    split: str = "train",
-    name: str | None = None,
-    text_column: str = "text",
-    group_size: int = GROUP_SIZE,
-) -> Iterator[list[str]]:
-    """Yield the documents of a dataset in order, `group_size` at a time (the last fewer).
-
-    Raises ValueError when the files cannot be read, lack `text_column`, hold a
-    non-string text, or hold no documents at all.
-    """
-    dataset = load_text_dataset(path, split, name)
-    columns = dataset.column_names
-    if columns is not None and text_column not in columns:
-        raise ValueError(f"{path!r} has no column {text_column!r}; its columns are {columns}")
-    if columns is not None and len(columns) > 1:
-        dataset = dataset.select_columns([text_column])
-    n_documents = 0
-    rows = iter(dataset.iter(batch_size=group_size))
-    while True:
-        try:
-            rows_batch = next(rows)
-        except StopIteration:
-            break
-        except Exception as error:
-            raise ValueError(f"could not read {path!r}: {error!r}") from error
-        if text_column not in rows_batch:
-            raise ValueError(
-                f"{path!r} has no column {text_column!r}; its columns are {list(rows_batch)}"
-            )
-        texts = rows_batch[text_column]
-        bad = next((text for text in texts if not isinstance(text, str)), None)
-        if bad is not None:
-            raise ValueError(
-                f"{path!r}: column {text_column!r} holds a {type(bad).__name__}, not text"
-            )
-        n_documents += len(texts)
-        yield texts
-    if n_documents == 0:
-        raise ValueError(f"{path!r} (split {split!r}) holds no documents")
 
 
 class TokenBlocks(IterableDataset):
@@ -224,8 +67,14 @@ class TokenBlocks(IterableDataset):
 
     Counters of the latest iteration in this process (in worker processes, the workers'
     copies count): `documents_read`, `tokens_read`, `blocks_read` (kept blocks, including
-    those before `start_block`), `dropped_tokens` (the last block of each group), and
+    those before `start_block`), `dropped_tokens` (the last block of each group),
+    `skipped_documents` (documents without text, left out with `skip_bad_documents`), and
     `next_block`, the block after the last one yielded.
+
+    A document without text raises a `BadDocumentError` naming its file and line; with
+    `skip_bad_documents` it is left out (the stream is that of the data without it) and a
+    warning at the end of the pass gives the count. Documents over `max_document_chars`
+    characters are tokenised in pieces (see `concat_and_tokenize`).
 
     Resuming: the blocks before `start_block` are still read and tokenised (their count
     depends on the tokenisation) but not yielded, so a dataset with `start_block = n`
@@ -254,12 +103,14 @@ class TokenBlocks(IterableDataset):
         stop_block: int | None = None,
         drop_last: bool = False,
         group_size: int = GROUP_SIZE,
+        skip_bad_documents: bool = False,
+        max_document_chars: int = MAX_DOCUMENT_CHARS,
     ) -> None:
         super().__init__()
-        if max_length < 1 or batch_size < 1 or group_size < 1:
+        if min(max_length, batch_size, group_size, max_document_chars) < 1:
             raise ValueError(
-                "max_length, batch_size and group_size must be positive, got "
-                f"{max_length}, {batch_size}, {group_size}"
+                "max_length, batch_size, group_size and max_document_chars must be positive, "
+                f"got {max_length}, {batch_size}, {group_size}, {max_document_chars}"
             )
         if start_block < 0 or (stop_block is not None and stop_block < start_block):
             raise ValueError(f"invalid block range [{start_block}, {stop_block})")
@@ -274,10 +125,13 @@ class TokenBlocks(IterableDataset):
         self.stop_block = stop_block
         self.drop_last = drop_last
         self.group_size = group_size
+        self.skip_bad_documents = skip_bad_documents
+        self.max_document_chars = max_document_chars
         self._reset_counters()
 
     def _reset_counters(self) -> None:
         self.documents_read = 0
+        self.skipped_documents = 0
         self.tokens_read = 0
         self.blocks_read = 0
         self.dropped_tokens = 0
@@ -306,10 +160,13 @@ class TokenBlocks(IterableDataset):
 
     def _block_chunks(self) -> Iterator[Int[Tensor, "block pos"]]:
         """The kept blocks in `[start_block, stop_block)`, a group's worth at a time."""
+        on_skip = self._skip if self.skip_bad_documents else None
         for texts in iter_text_groups(
-            self.path, self.split, self.name, self.text_column, self.group_size
+            self.path, self.split, self.name, self.text_column, self.group_size, on_skip
         ):
-            blocks, dropped = concat_and_tokenize(texts, self.tokenizer, self.max_length)
+            blocks, dropped = concat_and_tokenize(
+                texts, self.tokenizer, self.max_length, self.max_document_chars
+            )
             first = self.blocks_read
             self.documents_read += len(texts)
             self.tokens_read += blocks.numel() + dropped
@@ -327,6 +184,12 @@ class TokenBlocks(IterableDataset):
                 yield blocks[begin:end]
             if self.stop_block is not None and self.blocks_read >= self.stop_block:
                 return
+
+    def _skip(self, document: SkippedDocument) -> None:
+        self.skipped_documents += 1
+        if logger.isEnabledFor(logging.DEBUG):
+            where = describe_document(document.part, document.index)
+            logger.debug("skipped %s: no text in column %r", where, self.text_column)
 
     def _batches(self) -> Iterator[Int[Tensor, "batch pos"]]:
         pending: list[Tensor] = []
@@ -363,6 +226,13 @@ class TokenBlocks(IterableDataset):
             self.dropped_tokens,
             self.group_size,
         )
+        if self.skipped_documents:
+            logger.warning(
+                "skipped %d documents of %r without text in column %r (--skip_bad_documents)",
+                self.skipped_documents,
+                self.path,
+                self.text_column,
+            )
         if self.blocks_read == 0:
             raise ValueError(
                 f"{self.path!r} holds no text to train on: no group of documents gives "
@@ -418,6 +288,7 @@ def get_train_dataloader(
     text_column: str = "text",
     num_workers: int = 0,
     single_pass: bool = False,
+    skip_bad_documents: bool = False,
 ) -> DataLoader[Batch]:
     """The training stream: every block after the first `val_blocks`.
 
@@ -428,6 +299,7 @@ def get_train_dataloader(
             counted from the start of training (resumed runs stop at the same place).
         skip_batches: batches already trained on, to resume a run where it stopped.
         single_pass: yield nothing when iterated a second time in this process.
+        skip_bad_documents: leave out documents without text instead of failing.
     """
     start_block = val_blocks + skip_batches * batch_size
     stop_block = None
@@ -445,6 +317,7 @@ def get_train_dataloader(
         text_column=text_column,
         start_block=start_block,
         stop_block=stop_block,
+        skip_bad_documents=skip_bad_documents,
     )
     return make_dataloader(dataset, num_workers, single_pass)
 
@@ -460,6 +333,7 @@ def get_val_dataloader(
     name: str | None = None,
     text_column: str = "text",
     num_workers: int = 0,
+    skip_bad_documents: bool = False,
 ) -> DataLoader[Batch]:
     """The validation stream: the first `val_blocks` blocks of `path` / `split`.
 
@@ -477,6 +351,7 @@ def get_val_dataloader(
         name=name,
         text_column=text_column,
         stop_block=val_blocks,
+        skip_bad_documents=skip_bad_documents,
     )
     return make_dataloader(dataset, num_workers)
 
@@ -492,6 +367,7 @@ def get_test_dataloader(
     name: str | None = None,
     text_column: str = "text",
     num_workers: int = 0,
+    skip_bad_documents: bool = False,
 ) -> DataLoader[Batch]:
     """The test stream: `data/test.jsonl.zst` by default, from its first block.
 
@@ -510,5 +386,6 @@ def get_test_dataloader(
         name=name,
         text_column=text_column,
         stop_block=stop_block,
+        skip_bad_documents=skip_bad_documents,
     )
     return make_dataloader(dataset, num_workers)

@@ -23,11 +23,9 @@ from huggingface_hub.errors import EntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from mlsae.model.checkpoint import CheckpointError, load_as_data
+
 logger = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match the module it is loaded into."""
 
 
 def _format_keys(keys: list[str], limit: int = 12) -> str:
@@ -234,7 +232,7 @@ class StrictHubMixin(PyTorchModelHubMixin):
             state_dict = cls._read_safetensors(path, map_location)
         except (FileNotFoundError, EntryNotFoundError):
             path = _resolve_file(model_id, constants.PYTORCH_WEIGHTS_NAME, **download_kwargs)
-            state_dict = torch.load(path, map_location=map_location, weights_only=True)
+            state_dict = load_as_data(path, map_location)
         if strict:
             load_state_dict_strictly(
                 model,

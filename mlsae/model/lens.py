@@ -17,6 +17,8 @@ from huggingface_hub import hf_hub_download
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from mlsae.model.checkpoint import load_as_data
+
 TUNED_LENS_SPACE = "AlignmentResearch/tuned-lens"
 
 
@@ -93,6 +95,6 @@ def load_tuned_lens(
                 f"the tuned lens at {config_path} is for d_model={config['d_model']}, not {d_model}"
             )
     lens = TunedLens(d_model, n_blocks)
-    state = torch.load(params_path, map_location="cpu", weights_only=True)
+    state = load_as_data(params_path)
     lens.layer_translators.load_state_dict(state)
     return lens

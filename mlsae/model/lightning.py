@@ -33,8 +33,9 @@ from mlsae.model.autoencoder import (
     AutoencoderOutput,
     maintain_decoder,
 )
+from mlsae.model.checkpoint import read_checkpoint
 from mlsae.model.geom_median import geometric_median
-from mlsae.model.hub import CheckpointError, StrictHubMixin, read_config
+from mlsae.model.hub import CheckpointError, StrictHubMixin, load_state_dict_strictly, read_config
 from mlsae.model.lens import TunedLens, load_tuned_lens
 from mlsae.model.losses import auxk_loss, layerwise_fvu
 from mlsae.model.non_finite import NonFiniteTracker
@@ -268,12 +269,27 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         cls, ckpt_path: str, map_location: str = "cpu"
     ) -> "MLSAETransformer":
         """Load a Lightning checkpoint of this module, the transformer's weights included
-        (nothing is downloaded but the transformer's config and tokenizer)."""
+        (nothing is downloaded but the transformer's config and tokenizer). The file is read
+        as data (`read_checkpoint`) and its weights are loaded strictly."""
+        checkpoint = read_checkpoint(ckpt_path, map_location)
+        hparams = checkpoint.get("hyper_parameters")
+        if not isinstance(hparams, dict):
+            raise CheckpointError(f"{ckpt_path} holds no hyperparameters of {cls.__name__}")
+        cls._check_config(dict(hparams), source=str(ckpt_path))
         token = _WEIGHTS_FROM_CHECKPOINT.set(True)
         try:
-            return cls.load_from_checkpoint(ckpt_path, map_location=map_location)
+            model = cls(**hparams)
         finally:
             _WEIGHTS_FROM_CHECKPOINT.reset(token)
+        load_state_dict_strictly(
+            model,
+            checkpoint["state_dict"],
+            optional=cls._optional_keys,
+            ignored=cls._ignored_keys,
+            source=str(ckpt_path),
+        )
+        model.on_load_checkpoint(checkpoint)
+        return model.eval()
 
     # The residual stream and the autoencoder ---------------------------------------
 

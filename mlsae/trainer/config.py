@@ -106,6 +106,10 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes."""
 
+    skip_bad_documents: bool = False
+    """Skip documents without text (a missing or null text column), with a warning that
+    counts them, instead of stopping with an error naming the file and line."""
+
     @property
     def max_steps(self) -> int:
         """Micro-batches in `max_tokens`."""
@@ -147,12 +151,17 @@ def held_out_stream(config: DataConfig, tokenizer: Any) -> Any:
         split=config.split,
         text_column=config.text_column,
         num_workers=config.num_workers,
+        skip_bad_documents=config.skip_bad_documents,
     )
 
 
 def default_precision() -> str:
     """16-bit mixed precision on CUDA, full precision on the CPU."""
     return "16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+MOVABLE_OPTIONS = ("path", "val_path", "model_name")
+"""Options naming files that may move between a run and its resume (see `--moved`)."""
 
 
 @dataclass
@@ -193,7 +202,12 @@ class TrainerConfig:
     """Optimizer steps between checkpoints (the last one is always kept)."""
 
     checkpoint_path: str | None = None
-    """A checkpoint (`last.ckpt`) to resume training from."""
+    """A checkpoint (`last.ckpt`) to resume training from, with the options it was trained
+    with (a resume with options that change the model or the data is refused)."""
+
+    moved: list[str] = dataclass_field(default_factory=list)
+    """On resume: options naming files that moved since the checkpoint was written (path,
+    val_path, model_name), whose new values are accepted as the same data or model."""
 
     run_dir: str = "out/runs"
     """Where runs keep their logs and checkpoints."""
@@ -326,6 +340,11 @@ def check_run_config(config: "RunConfig") -> None:
             f"({data.batch_size} x {data.max_length} tokens)"
         )
     check_precision(trainer.precision, trainer.accelerator)
+    if trainer.moved and trainer.checkpoint_path is None:
+        raise ConfigError("--moved applies only when resuming, with --checkpoint_path")
+    unknown = [name for name in trainer.moved if name not in MOVABLE_OPTIONS]
+    if unknown:
+        raise ConfigError(f"--moved takes {', '.join(MOVABLE_OPTIONS)}, not {', '.join(unknown)}")
 
 
 def parse(config_class: type, args: list[str] | None = None, description: str | None = None):

@@ -1,4 +1,4 @@
-"""Surviving faults: atomic checkpoints, a checkpoint on SIGTERM, readable errors."""
+"""Surviving faults: atomic checkpoints, a checkpoint on SIGTERM, orphans pruned on resume."""
 
 import logging
 import os
@@ -9,28 +9,28 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from mlsae.model.hub import CheckpointError
+from mlsae.cli import CommandStopped
+from mlsae.files import atomic_output
+from mlsae.model.checkpoint import read_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file and renames it into place, so a crash
-    while saving never leaves a truncated `last.ckpt`; a checkpoint that cannot be
-    read gives an error that names the file."""
+    """Writes a checkpoint beside its destination and renames it into place, so a crash
+    while saving never leaves a truncated `last.ckpt` (a failed write leaves nothing; a full
+    disk is a `DiskFullError` naming the folder); reads checkpoints as data only."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        with open(partial, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, path)
+        with atomic_output(path, what=f"the checkpoint {Path(path).name}") as partial:
+            with open(partial, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
 
     def load_checkpoint(
         self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
@@ -38,19 +38,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(path, map_location)
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """`torch.load` of a Lightning checkpoint, with a clear error for a bad file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: it is corrupt or truncated ({error})"
-        ) from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path} is not a Lightning checkpoint of this library")
-    return checkpoint
+class RunCheckpoints(ModelCheckpoint):
+    """`ModelCheckpoint` for a run folder: `last.ckpt` and the periodic checkpoint are
+    overwritten in place (no `-v1` copies), and a checkpoint written in another folder (a
+    run folder that was copied or moved) never makes it delete files of that folder."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(enable_version_counter=False, **kwargs)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath", self.dirpath) != self.dirpath:
+            return
+        super().load_state_dict(state_dict)
 
 
 class CheckpointOnSigterm(Callback):
@@ -88,6 +87,62 @@ class CheckpointOnSigterm(Callback):
             flag = torch.tensor(float(received), device=pl_module.device)
             received = bool(trainer.strategy.reduce(flag, reduce_op="sum").item() > 0)
         if received:
-            trainer.save_checkpoint(self.checkpoint_path)
+            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
             self.interrupted = True
             trainer.should_stop = True
+
+
+INTERRUPTED_EXIT_STATUS = 128 + signal.SIGTERM
+"""The exit status of a run stopped by SIGTERM (what a shell reports for a process killed by
+it), so that `train.py && next-step` does not go on as if training had finished."""
+
+
+class TrainingInterrupted(CommandStopped):
+    """Training stopped on SIGTERM; the message says what was saved and how to go on."""
+
+    exit_status = INTERRUPTED_EXIT_STATUS
+
+
+class DeferredSigterm:
+    """While active, SIGTERM is recorded instead of ending the process, so that writing the
+    final model completes; Lightning's own handler, installed during `validate`, still runs
+    on top of this one and stops the validation loop."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        logger.warning("SIGTERM received: finishing the final model before stopping")
+        self.received = True
+
+    def __enter__(self) -> "DeferredSigterm":
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def prune_orphan_checkpoints(
+    folder: str | Path, checkpoint: dict[str, Any], resumed_from: str | Path
+) -> list[Path]:
+    """Remove the periodic checkpoints in `folder` that the resumed checkpoint does not know
+    of: a process killed between writing a periodic checkpoint and `last.ckpt` leaves one
+    that `save_top_k` would otherwise never remove. Returns the removed files."""
+    folder = Path(folder)
+    if Path(resumed_from).resolve().parent != folder.resolve():
+        return []  # a checkpoint of another run's folder knows nothing of this one's files
+    keep = {Path(resumed_from).resolve(), (folder / "last.ckpt").resolve()}
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict):
+            for key in ("best_model_path", "last_model_path"):
+                if state.get(key):
+                    keep.add(Path(state[key]).resolve())
+    removed = []
+    for path in sorted(folder.glob("epoch=*-step=*.ckpt")):
+        if path.resolve() not in keep:
+            logger.info("removing %s, a checkpoint newer than the one resumed from", path)
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

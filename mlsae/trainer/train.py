@@ -7,14 +7,24 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mlsae.files import atomic_output, remove_partials
+from mlsae.model.checkpoint import read_checkpoint
 from mlsae.model.data import get_train_dataloader, get_val_dataloader, load_tokenizer
 from mlsae.model.lightning import MLSAETransformer
 from mlsae.trainer.callbacks import TokensPerSecondBar
 from mlsae.trainer.config import RunConfig, check_run_config, default_precision, initialize, parse
-from mlsae.trainer.faults import AtomicCheckpointIO, CheckpointOnSigterm, read_checkpoint
+from mlsae.trainer.faults import (
+    AtomicCheckpointIO,
+    CheckpointOnSigterm,
+    DeferredSigterm,
+    RunCheckpoints,
+    TrainingInterrupted,
+    prune_orphan_checkpoints,
+)
+from mlsae.trainer.resume import RecordRun, check_resume
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +65,6 @@ def make_logger(config: RunConfig, name: str, run_dir: Path) -> Logger | bool:
     return CSVLogger(str(run_dir), name="logs")
 
 
-def resume_state(checkpoint_path: str | None) -> dict[str, Any]:
-    """What a checkpoint says about the data already trained on."""
-    if checkpoint_path is None:
-        return {}
-    checkpoint = read_checkpoint(checkpoint_path)
-    return {**checkpoint.get("mlsae", {}), "epoch": checkpoint.get("epoch", 0)}
-
-
 def print_summary(title: str, metrics: dict[str, float]) -> None:
     """The averages over layers of the logged metrics, one per line."""
     averages = {name: value for name, value in metrics.items() if name.endswith("/avg")}
@@ -74,9 +76,10 @@ def print_summary(title: str, metrics: dict[str, float]) -> None:
         print(f"  {name:<{width}}  {value:.6g}")
 
 
-def build_model(config: RunConfig) -> MLSAETransformer:
+def model_options(config: RunConfig) -> dict[str, Any]:
+    """The constructor arguments of the model that `config` trains."""
     ae = config.autoencoder
-    return MLSAETransformer(
+    return dict(
         model_name=config.model_name,
         layers=config.layers,
         expansion_factor=ae.expansion_factor,
@@ -100,19 +103,91 @@ def build_model(config: RunConfig) -> MLSAETransformer:
     )
 
 
+def build_model(config: RunConfig) -> MLSAETransformer:
+    return MLSAETransformer(**model_options(config))
+
+
+def make_trainer(
+    config: RunConfig,
+    name: str,
+    run_dir: Path,
+    callbacks: list[Any],
+    resumed_epoch: int,
+) -> Trainer:
+    trainer_config, data = config.trainer, config.data
+    max_steps = trainer_config.max_steps or max(
+        1, math.ceil(data.max_steps / trainer_config.accumulate_grad_batches)
+    )
+    checkpoints = RunCheckpoints(
+        dirpath=run_dir / "checkpoints",
+        every_n_train_steps=trainer_config.checkpoint_every_n_steps,
+        save_last=True,
+        save_top_k=1,
+    )
+    return Trainer(
+        accelerator=trainer_config.accelerator,
+        devices=trainer_config.devices,
+        strategy=trainer_config.strategy,
+        num_nodes=trainer_config.num_nodes,
+        precision=trainer_config.precision or default_precision(),
+        logger=make_logger(config, name, run_dir),
+        callbacks=[checkpoints, *callbacks],
+        plugins=[AtomicCheckpointIO()],
+        max_steps=max_steps,
+        # The stream is read once (a resumed run continues it), so no text is trained on
+        # twice. Its epoch may end before max_steps; the extra epoch yields nothing, and
+        # lets a run resumed from the last batch of an epoch continue into the next.
+        max_epochs=resumed_epoch + 2,
+        accumulate_grad_batches=trainer_config.accumulate_grad_batches,
+        log_every_n_steps=trainer_config.log_every_n_steps,
+        val_check_interval=trainer_config.val_check_interval,
+        check_val_every_n_epoch=None if trainer_config.val_check_interval else 1,
+        limit_val_batches=trainer_config.limit_val_batches,
+        num_sanity_val_steps=0,
+        default_root_dir=str(run_dir),
+        enable_model_summary=False,
+    )
+
+
+def _stopped(checkpoint: Path, step: int, before: str) -> TrainingInterrupted:
+    if checkpoint.is_file():
+        return TrainingInterrupted(
+            f"Stopped by SIGTERM {before} step {step}: saved {checkpoint}; resume with "
+            f"--checkpoint_path {checkpoint} and the same options"
+        )
+    return TrainingInterrupted(f"Stopped by SIGTERM {before} step {step}: nothing was saved")
+
+
 def train(config: RunConfig, extra_callbacks: list[Any] | None = None) -> Path:
-    """Train an MLSAE and save it with `save_pretrained`; returns the output folder."""
+    """Train an MLSAE and save it with `save_pretrained`; returns the output folder.
+
+    Raises `TrainingInterrupted` when SIGTERM stops the run, after saving `last.ckpt` (or,
+    once training is over, the final model).
+    """
     check_run_config(config)
     initialize(config.seed)
     name = run_name(config)
     run_dir = Path(config.trainer.run_dir) / name
+    checkpoint_dir = run_dir / "checkpoints"
     output_dir = Path(config.trainer.output_dir or run_dir / "model")
     data, trainer_config = config.data, config.trainer
+    remove_partials(checkpoint_dir)
 
-    resumed = resume_state(trainer_config.checkpoint_path)
+    checkpoint_path = trainer_config.checkpoint_path
+    checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path else None
+    resumed = {} if checkpoint is None else checkpoint.get("mlsae", {})
+    sigterm = CheckpointOnSigterm(checkpoint_dir / "last.ckpt")
+    callbacks = [sigterm, RecordRun(data), TokensPerSecondBar(), *(extra_callbacks or [])]
+    resumed_epoch = 0 if checkpoint is None else checkpoint.get("epoch", 0)
+    trainer = make_trainer(config, name, run_dir, callbacks, resumed_epoch)
+    if checkpoint is not None:
+        check_resume(checkpoint_path, checkpoint, model_options(config), config, trainer.world_size)
+        if trainer.is_global_zero:
+            prune_orphan_checkpoints(checkpoint_dir, checkpoint, checkpoint_path)
+    del checkpoint  # Lightning reads it again in fit; do not hold two copies
+
     model = build_model(config)
     tokenizer = load_tokenizer(model.transformer.tokenizer)
-
     val_blocks = 0 if data.val_path else data.val_blocks
     train_loader = get_train_dataloader(
         data.path,
@@ -126,6 +201,7 @@ def train(config: RunConfig, extra_callbacks: list[Any] | None = None) -> Path:
         text_column=data.text_column,
         num_workers=data.num_workers,
         single_pass=True,
+        skip_bad_documents=data.skip_bad_documents,
     )
     val_loader = get_val_dataloader(
         data.val_path or data.path,
@@ -136,55 +212,34 @@ def train(config: RunConfig, extra_callbacks: list[Any] | None = None) -> Path:
         split=data.val_split if data.val_path else data.split,
         text_column=data.text_column,
         num_workers=data.num_workers,
+        skip_bad_documents=data.skip_bad_documents,
     )
 
-    max_steps = trainer_config.max_steps or max(
-        1, math.ceil(data.max_steps / trainer_config.accumulate_grad_batches)
-    )
-    sigterm = CheckpointOnSigterm(run_dir / "checkpoints" / "last.ckpt")
-    checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        every_n_train_steps=trainer_config.checkpoint_every_n_steps,
-        save_last=True,
-        save_top_k=1,
-    )
-    trainer = Trainer(
-        accelerator=trainer_config.accelerator,
-        devices=trainer_config.devices,
-        strategy=trainer_config.strategy,
-        num_nodes=trainer_config.num_nodes,
-        precision=trainer_config.precision or default_precision(),
-        logger=make_logger(config, name, run_dir),
-        callbacks=[checkpoints, sigterm, TokensPerSecondBar(), *(extra_callbacks or [])],
-        plugins=[AtomicCheckpointIO()],
-        max_steps=max_steps,
-        # The stream is read once (a resumed run continues it), so no text is trained on
-        # twice. Its epoch may end before max_steps; the extra epoch yields nothing, and
-        # lets a run resumed from the last batch of an epoch continue into the next.
-        max_epochs=resumed.get("epoch", 0) + 2,
-        accumulate_grad_batches=trainer_config.accumulate_grad_batches,
-        log_every_n_steps=trainer_config.log_every_n_steps,
-        val_check_interval=trainer_config.val_check_interval,
-        check_val_every_n_epoch=None if trainer_config.val_check_interval else 1,
-        limit_val_batches=trainer_config.limit_val_batches,
-        num_sanity_val_steps=0,
-        default_root_dir=str(run_dir),
-        enable_model_summary=False,
-    )
-    trainer.fit(model, train_loader, val_loader, ckpt_path=trainer_config.checkpoint_path)
+    try:
+        trainer.fit(model, train_loader, val_loader, ckpt_path=checkpoint_path)
+    except SIGTERMException:
+        raise _stopped(sigterm.checkpoint_path, trainer.global_step, "before") from None
     if sigterm.interrupted:
-        print(
-            f"Stopped by SIGTERM after step {trainer.global_step}; resume with "
-            f"--checkpoint_path {sigterm.checkpoint_path}"
-        )
-        return sigterm.checkpoint_path
-    final = trainer.validate(model, val_loader, verbose=False)
+        raise _stopped(sigterm.checkpoint_path, trainer.global_step, "after")
 
-    if trainer.is_global_zero:
-        print_summary("Held-out metrics after training", final[0] if final else {})
-        model.save_pretrained(output_dir)
-        if trainer.logger is not None and hasattr(trainer.logger, "finalize"):
-            trainer.logger.finalize("success")
+    with DeferredSigterm() as deferred:
+        try:
+            final = trainer.validate(model, val_loader, verbose=False)
+        except SIGTERMException:
+            final = None
+        if trainer.is_global_zero:
+            if final:
+                print_summary("Held-out metrics after training", final[0])
+            with atomic_output(output_dir, what="the trained model") as partial:
+                model.save_pretrained(partial)
+            if trainer.logger is not None and hasattr(trainer.logger, "finalize"):
+                trainer.logger.finalize("success")
+    if final is None or deferred.received:
+        raise TrainingInterrupted(
+            f"Stopped by SIGTERM after training ({trainer.global_step} steps), during the "
+            f"final validation: saved the trained model to {output_dir}, without its held-out "
+            f"metrics (`python test.py --repo_id {output_dir}` computes them)"
+        )
     return output_dir
 
 
@@ -192,6 +247,5 @@ def main(args: list[str] | None = None) -> Path:
     """`python train.py`: parse the command line, train, name the saved model last."""
     config = parse(RunConfig, args)
     output_dir = train(config)
-    if output_dir.suffix != ".ckpt":
-        print(f"Saved the trained model to {output_dir}")
+    print(f"Saved the trained model to {output_dir}")
     return output_dir

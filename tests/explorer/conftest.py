@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
 from mlsae.analysis.examples import collect_examples, write_db
 from mlsae.analysis.source import MLSAESource
@@ -18,6 +20,12 @@ TEXTS = [
     "Numbers such as 1, 2 and 3 are small.",
     "def add(a, b):\n    return a + b",
 ]
+
+
+def local_client(app: FastAPI, **kwargs) -> TestClient:
+    """A test client whose requests name localhost, as a browser on this machine does
+    (the explorer answers only the hosts it is told to)."""
+    return TestClient(app, base_url="http://localhost", **kwargs)
 
 
 def tiny_model() -> MLSAETransformer:

@@ -14,20 +14,20 @@ from mlsae.explorer.service import LRUCache
 from mlsae.model.autoencoder import standardize
 from mlsae.model.lightning import MLSAETransformer
 from mlsae.model.losses import layerwise_fvu
-from tests.explorer.conftest import PROMPT, tiny_model
+from tests.explorer.conftest import PROMPT, local_client, tiny_model
 
 N_LAYERS, N_LATENTS, K = 4, 96, 4
 
 
 @pytest.fixture
 def client(model: MLSAETransformer, examples_db: Path) -> TestClient:
-    return TestClient(create_app(model, examples_db, repo_id="tiny"))
+    return local_client(create_app(model, examples_db, repo_id="tiny"))
 
 
 @pytest.fixture
 def bare_client(model: MLSAETransformer) -> TestClient:
     """Answers a server error with a 500 response instead of raising it."""
-    return TestClient(create_app(model), raise_server_exceptions=False)
+    return local_client(create_app(model), raise_server_exceptions=False)
 
 
 def post(client: TestClient, path: str, **body) -> dict | list:
@@ -163,6 +163,15 @@ def test_metrics(client: TestClient, model: MLSAETransformer) -> None:
         assert row["l0"] == pytest.approx(K)
         assert row["loss_delta"] == pytest.approx(row["loss"] - body["loss"], abs=1e-5)
         assert row["kl_div"] >= 0
+
+
+def test_metrics_of_a_one_token_prompt(client: TestClient, model: MLSAETransformer) -> None:
+    assert token_ids(model, "a").shape[1] == 1
+    body = post(client, "/api/metrics", prompt="a")
+    assert body["n_tokens"] == 1 and body["loss"] is None  # no next token to predict
+    for row in body["layers"]:
+        assert row["loss"] is None and row["loss_delta"] is None
+        assert row["fvu"] > 0 and row["l0"] == pytest.approx(K)
 
 
 # Logits ------------------------------------------------------------------------------------
@@ -384,7 +393,7 @@ def test_one_forward_pass_per_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model()
     stream_calls = Counter(monkeypatch, model, "residual_stream")
     splice_calls = Counter(monkeypatch, model.transformer, "forward_at_layer")
-    client = TestClient(create_app(model))
+    client = local_client(create_app(model))
     for _ in range(3):
         post(client, "/api/tokenize", prompt=PROMPT)
         post(client, "/api/activations", prompt=PROMPT)
@@ -407,7 +416,7 @@ def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model()
     stream_calls = Counter(monkeypatch, model, "residual_stream")
     app = create_app(model, cache_size=2)
-    client = TestClient(app)
+    client = local_client(app)
     for prompt in ("one", "two", "three"):
         post(client, "/api/activations", prompt=prompt)
     assert len(app.state.service.analyses) == 2

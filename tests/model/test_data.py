@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from mlsae.model.data import (
+    BadDocumentError,
     TokenBlocks,
     concat_and_tokenize,
     get_test_dataloader,
@@ -21,7 +22,9 @@ from mlsae.model.data import (
     load_text_dataset,
     make_dataloader,
     max_steps,
+    split_long_document,
 )
+from mlsae.model.token_stream import group_tokens
 
 GOLDENS = Path(__file__).parent.parent / "data" / "goldens"
 EOS = "<|endoftext|>"
@@ -254,7 +257,7 @@ def test_hub_ids_are_not_local_paths(monkeypatch):
         calls.append((path, kwargs))
         return "stream"
 
-    monkeypatch.setattr("mlsae.model.data.datasets.load_dataset", fake_load_dataset)
+    monkeypatch.setattr("mlsae.model.documents.datasets.load_dataset", fake_load_dataset)
     assert load_text_dataset("monology/pile-uncopyrighted") == "stream"
     assert calls == [
         ("monology/pile-uncopyrighted", {"name": None, "split": "train", "streaming": True})
@@ -304,3 +307,166 @@ def test_errors(tmp_path, tokenizer):
         TokenBlocks(str(tmp_path / "other.jsonl"), tokenizer, 0, 2)
     with pytest.raises(ValueError, match="val_blocks"):
         get_val_dataloader(str(tmp_path / "other.jsonl"), tokenizer, 8, 2, val_blocks=0)
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    data = ("\n".join(lines) + "\n").encode()
+    if path.suffix == ".zst":
+        data = zstandard.ZstdCompressor(level=1).compress(data)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("bad_line", ['{"meta": {}}', '{"text": null, "meta": {}}'])
+@pytest.mark.parametrize("position", ["first", "later chunk", "last"])
+def test_document_without_text_names_its_file_and_line(tmp_path, bad_line, position):
+    # Over 1,024 documents and over the json reader's 10 MiB chunks, so that the line sits
+    # in a later group and a later chunk than the first.
+    n = 2600
+    filler = "lorem ipsum " * 400
+    lines = [json.dumps({"text": f"{i} {filler}", "meta": {}}) for i in range(n)]
+    index = {"first": 0, "later chunk": 2500, "last": n - 1}[position]
+    lines[index] = bad_line
+    lines.insert(10, "")  # a blank line holds no document but counts as a line
+    path = write_lines(tmp_path / "docs.jsonl.zst", lines)
+    assert path.stat().st_size < 10 << 20 < sum(map(len, lines))
+    line = lines.index(bad_line) + 1
+    with pytest.raises(BadDocumentError) as error:
+        for _ in iter_text_groups(str(path)):
+            pass
+    message = str(error.value)
+    assert isinstance(error.value, ValueError) and "\n" not in message
+    assert message.startswith(f"line {line} of {str(path)!r} has no text in column 'text'")
+    assert "check --text_column" in message and "--skip_bad_documents" in message
+
+
+def test_document_without_text_stops_the_token_stream(tmp_path, tokenizer):
+    documents = make_documents(1500)
+    lines = [json.dumps({"text": text}) for text in documents]
+    lines[1200] = '{"text": null}'
+    path = write_lines(tmp_path / "docs.jsonl", lines)
+    dataset = TokenBlocks(str(path), tokenizer, 8, 2)
+    with pytest.raises(BadDocumentError, match=f"line 1201 of {str(path)!r} has no text"):
+        stream(make_dataloader(dataset))
+    assert dataset.documents_read == 1024
+
+
+def test_other_formats_name_the_document(tmp_path, tokenizer):
+    documents: list[str | None] = list(make_documents(30))
+    documents[7] = None
+    pq.write_table(pa.table({"text": documents}), tmp_path / "docs.parquet")
+    with pytest.raises(
+        BadDocumentError, match=r"document 8 \(counting from 1\) of '.*docs.parquet'"
+    ):
+        list(iter_text_groups(str(tmp_path / "docs.parquet")))
+    (tmp_path / "split").mkdir()
+    pq.write_table(pa.table({"text": documents}), tmp_path / "split" / "train.parquet")
+    with pytest.raises(
+        BadDocumentError, match=r"document 8 \(counting from 1\) of '.*split' \(split"
+    ):
+        list(iter_text_groups(str(tmp_path / "split")))
+    # In a glob, the file is named and the position is within it.
+    write_jsonl(tmp_path / "a.jsonl", make_documents(5))
+    (tmp_path / "b.jsonl").write_text('{"text": "fox"}\n{"text": 4}\n')
+    with pytest.raises(BadDocumentError, match=r"line 2 of '.*b.jsonl': column 'text' holds a"):
+        list(iter_text_groups(str(tmp_path / "*.jsonl")))
+
+
+def test_skip_bad_documents_counts_them_and_leaves_them_out(tmp_path, tokenizer, caplog):
+    documents = make_documents(1500)
+    lines = [json.dumps({"text": text, "meta": {}}) for text in documents]
+    bad = {0: '{"meta": {}}', 700: '{"text": null}', 1499: '{"text": null, "meta": {}}'}
+    for index, line in bad.items():
+        lines[index] = line
+    path = write_lines(tmp_path / "docs.jsonl.zst", lines)
+    clean = [text for index, text in enumerate(documents) if index not in bad]
+    expected, dropped = hand_blocks(clean, tokenizer, 8, 1024)
+
+    dataset = TokenBlocks(str(path), tokenizer, 8, 2, skip_bad_documents=True)
+    with caplog.at_level("WARNING", logger="mlsae.model.data"):
+        assert stream(make_dataloader(dataset)) == expected
+    assert dataset.skipped_documents == 3
+    assert dataset.documents_read == len(clean)
+    assert dataset.dropped_tokens == dropped
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert warning.startswith("skipped 3 documents of") and "'text'" in warning
+
+    for loader in (
+        get_train_dataloader(str(path), tokenizer, 8, 2, skip_bad_documents=True),
+        get_test_dataloader(tokenizer, 8, 2, path=str(path), skip_bad_documents=True),
+    ):
+        assert stream(loader) == expected
+    validation = get_val_dataloader(
+        str(path), tokenizer, 8, 2, val_blocks=5, skip_bad_documents=True
+    )
+    assert stream(validation) == expected[:5]
+    with pytest.raises(BadDocumentError):
+        stream(get_train_dataloader(str(path), tokenizer, 8, 2))
+
+
+def split_at_eos(token_ids: list[int], eos_id: int) -> list[list[int]]:
+    """Per document, its tokens: the stream cut at each EOS."""
+    documents: list[list[int]] = []
+    for token_id in token_ids:
+        if token_id == eos_id:
+            documents.append([])
+        else:
+            documents[-1].append(token_id)
+    return documents
+
+
+def test_split_long_document():
+    text = "one two  three\n\nfour " * 50 + "x" * 120 + " tail"
+    for max_chars in (1, 7, 10, 33, 100, 200, len(text)):
+        pieces = split_long_document(text, max_chars)
+        assert "".join(pieces) == text
+        assert all(0 < len(piece) <= max_chars for piece in pieces)
+        for piece, following in zip(pieces, pieces[1:], strict=False):
+            if len(piece) < max_chars:  # cut at whitespace: before its whole run
+                assert following[0].isspace() and not piece[-1].isspace()
+    assert split_long_document("abcdefg", 3) == ["abc", "def", "g"]
+    assert split_long_document("ab cdefgh ij", 5) == ["ab", " cdef", "gh ij"]
+    assert split_long_document("ab  \n cd", 4) == ["ab", "  \n ", "cd"]
+    assert split_long_document("short", 10) == ["short"]
+
+
+def test_long_document_keeps_the_other_documents_tokens():
+    tokenizer = AutoTokenizer.from_pretrained(GOLDENS / "tiny-gpt-neox-2")
+    (corpus,) = iter_text_groups(str(GOLDENS / "corpus.jsonl.zst"))
+    long_document = "\n\n".join(corpus[:60])
+    limit = 1000
+    assert len(long_document) > 10 * limit
+    texts = [*corpus[60:70], long_document, *corpus[70:75], long_document + " end"]
+    whole_tokens = group_tokens(texts, tokenizer, 10**9)
+    assert isinstance(whole_tokens, list)  # the group tokenised whole, as ever
+    whole = split_at_eos(whole_tokens, 0)
+    pieces = split_at_eos(torch.as_tensor(group_tokens(texts, tokenizer, limit)).tolist(), 0)
+    assert len(pieces) == len(whole) == len(texts)
+    for index, text in enumerate(texts):
+        if len(text) <= limit:
+            assert pieces[index] == whole[index], index
+        else:
+            assert tokenizer.decode(pieces[index]) == text
+            assert len(pieces[index]) == pytest.approx(len(whole[index]), rel=0.01)
+    # Groups without a long document keep their exact tokens.
+    assert concat_and_tokenize(corpus, tokenizer, 32, max(map(len, corpus)))[0].equal(
+        concat_and_tokenize(corpus, tokenizer, 32, 10**9)[0]
+    )
+
+
+def test_token_blocks_split_long_documents(tmp_path, tokenizer):
+    documents = make_documents(40)
+    documents[5] = " ".join(make_documents(100, seed=4))
+    path = write_jsonl(tmp_path / "docs.jsonl", documents)
+    dataset = TokenBlocks(str(path), tokenizer, 8, 2, group_size=16, max_document_chars=200)
+    blocks = stream(make_dataloader(dataset))
+    expected = []
+    for start in range(0, 40, 16):
+        group = documents[start : start + 16]
+        expected += concat_and_tokenize(group, tokenizer, 8, 200)[0].tolist()
+    assert blocks == expected
+    # The groups without the long document are unchanged.
+    unchanged = hand_blocks(documents[16:], tokenizer, 8, 16)[0]
+    assert blocks[-len(unchanged) :] == unchanged
+    first_group = concat_and_tokenize(documents[:16], tokenizer, 8, 200)[0].flatten().tolist()
+    assert tokenizer.decode(split_at_eos(first_group, tokenizer.eos_token_id)[5]) == documents[5]

@@ -135,20 +135,24 @@ def test_sparse_transpose_product_matches_dense():
 
 
 def test_decode_reuses_the_latent_major_copy_only_for_the_same_weight_version():
+    """Decodes of one (not latent-major) weight share its latent-major copy; an in-place
+    update of the weight makes the next decode see the new values, even while earlier
+    decodes' graphs, which hold the cached copy, are alive."""
     torch.manual_seed(0)
-    weight = torch.randn(16, 256, requires_grad=True)
+    weight = torch.randn(16, 256, requires_grad=True)  # row-major: decode copies it
     values = torch.rand(5, 8, requires_grad=True)
     indices = torch.stack([torch.randperm(256)[:8] for _ in range(5)])
+    dense = torch.zeros(5, 256).scatter(1, indices, values.detach())
     first = decode(TopK(values, indices), weight, "embedding_bag")
+    torch.testing.assert_close(first, dense @ weight.detach().T)
     second = decode(TopK(values * 2, indices), weight, "embedding_bag")
     torch.testing.assert_close(second, 2 * first)
-    (first.sum() + second.sum()).backward()
-    dense = torch.zeros(5, 256).scatter(1, indices, values.detach())
-    torch.testing.assert_close(weight.grad, (3 * dense).sum(0).expand(16, 256))
     with torch.no_grad():
-        weight.mul_(2.0)  # a new version: the cache must miss
+        weight.mul_(3.0)  # a new version, while both graphs hold the copy: the cache must miss
     third = decode(TopK(values, indices), weight, "embedding_bag")
-    torch.testing.assert_close(third, 2 * first)
+    torch.testing.assert_close(third, 3 * first)
+    (first.sum() + second.sum() + third.sum()).backward()
+    torch.testing.assert_close(weight.grad, (4 * dense).sum(0).expand(16, 256))
 
 
 def test_maintain_decoder_in_column_blocks_and_latent_major(monkeypatch):

@@ -139,19 +139,33 @@ def test_fusion_is_used_only_where_the_decode_is_embedding_bag():
     assert MLSAE(8, 64, 2, auxk=4)(torch.randn(0, 8)).recons.shape == (0, 8)
 
 
-def test_bfloat16_autoencoder_runs_fused_with_fp32_accumulation():
+def _fp32_decode(topk, weight: torch.Tensor) -> torch.Tensor:
+    """`decode(topk, weight)` as one fp32 matmul over dense latents (the bf16 values exact)."""
+    dense = torch.zeros(*topk.values.shape[:-1], weight.shape[1])
+    return dense.scatter(-1, topk.indices, topk.values.float()) @ weight.float().T
+
+
+@pytest.mark.parametrize("n_dead", [2048, 200])  # AuxK decoded sparsely, then densely
+def test_bfloat16_autoencoder_runs_fused_with_fp32_accumulation(n_dead):
+    """A bfloat16 MLSAE runs the fused core, and each decode of its 64 latents is their fp32
+    sum rounded once to bfloat16 (within one bfloat16 ulp); bfloat16 sums miss by far more."""
     torch.manual_seed(0)
-    model = MLSAE(16, 128, 4, auxk=8)
-    x = torch.randn(2, 1, 5, 16)
-    reference = model(x)
-    low = MLSAE(16, 128, 4, auxk=8).to(torch.bfloat16)
-    low.load_state_dict(model.state_dict())
-    assert low.decoder.weight.t().is_contiguous()
-    output = low(x.bfloat16())
-    assert output.recons.dtype == torch.bfloat16
-    torch.testing.assert_close(output.recons.float(), reference.recons, rtol=0.05, atol=0.05)
-    _mlsae_loss(low, x.bfloat16()).backward()
-    assert all(p.grad.dtype == torch.bfloat16 for p in low.parameters())
+    model = MLSAE(32, 4096, 64, auxk=64, dead_tokens_threshold=1).to(torch.bfloat16)
+    model.update_dead_latents((torch.arange(4096) >= n_dead).long(), 1)
+    assert model.decoder.weight.t().is_contiguous() and not model.pre_encoder_bias.any()
+    x = torch.randn(2, 1, 24, 32).bfloat16()
+    assert model._fuses(x)
+    result = model.forward_standardized(x)
+    output = result.output
+    assert output.recons.dtype == torch.bfloat16 and output.auxk.indices.shape[-1] == 64
+    # With a zero bias, the standardised reconstruction is the top-k decode itself.
+    bf16_rounding = {"rtol": 2**-7, "atol": 1e-5}  # 2**-8 is bfloat16's unit roundoff
+    expected = _fp32_decode(output.topk, model.decoder.weight)
+    torch.testing.assert_close(result.recons.float(), expected, **bf16_rounding)
+    expected_auxk = _fp32_decode(output.auxk, model.decoder.weight)
+    torch.testing.assert_close(output.auxk_recons.float(), expected_auxk, **bf16_rounding)
+    _mlsae_loss(model, x).backward()
+    assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
 
 
 def test_latent_major_linear_is_a_plain_linear_map():

@@ -75,7 +75,7 @@ def test_train_resume_and_upload(workdir: Path, tmp_path: Path):
     assert "val/fvu/avg" in first.stdout
 
     last = workdir / "out" / "runs" / "tiny" / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 8
     assert checkpoint["mlsae"]["tokens_seen"] == 8 * 64
 
@@ -85,7 +85,7 @@ def test_train_resume_and_upload(workdir: Path, tmp_path: Path):
         workdir,
         tmp_path,
     )
-    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 12
     assert checkpoint["mlsae"]["tokens_seen"] == 12 * 64
     assert checkpoint["mlsae"]["micro_batches_seen"] == 12

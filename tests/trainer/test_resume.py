@@ -1,10 +1,12 @@
 """Killed runs resume where they stopped and end where an uninterrupted run ends."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,7 +41,7 @@ def train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def checkpoint_step(path: Path) -> int:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+        return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
     except Exception:
         return -1
 
@@ -61,6 +63,52 @@ def interrupt(run_dir: Path, signum: int, at_step: int) -> subprocess.CompletedP
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+SLOW_STEPS = """
+import time
+from mlsae.model import MLSAETransformer
+
+_training_step = MLSAETransformer.training_step
+
+
+def slow_training_step(self, *args, **kwargs):
+    time.sleep(0.2)
+    return _training_step(self, *args, **kwargs)
+
+
+MLSAETransformer.training_step = slow_training_step
+"""
+
+
+def kill_ahead_of_checkpoint(run_dir: Path, at_batch: int, *extra: str) -> int:
+    """Start a run whose micro-batches take 0.2 s longer (so that the kill lands between
+    two checkpoints), SIGKILL it once its progress bar (on stdout) passes micro-batch
+    `at_batch`, and return the step of its last checkpoint."""
+    slow = run_dir / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_STEPS)
+    env = {**environment(), "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{slow}:{ROOT}"}
+    command = [sys.executable, str(ROOT / "train.py"), *ARGS, "--run_dir", str(run_dir), *extra]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    output: list[str] = []
+    reader = threading.Thread(
+        target=lambda: output.extend(iter(lambda: process.stdout.read(64), ""))
+    )
+    reader.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        batches = [int(n) for n in re.findall(r"\| *(\d+)/", "".join(output))]
+        if batches and max(batches) >= at_batch:
+            process.kill()
+            break
+        time.sleep(0.02)
+    process.wait(timeout=60)
+    reader.join(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "".join(output)[-3000:]
+    return checkpoint_step(run_dir / "run" / "checkpoints" / "last.ckpt")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
@@ -75,10 +123,8 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
     for name in theirs:
         if name.startswith("autoencoder."):
             torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
-    state = torch.load(resumed / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    reference_state = torch.load(
-        reference / "run" / "checkpoints" / "last.ckpt", weights_only=False
-    )
+    state = torch.load(resumed / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    reference_state = torch.load(reference / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == reference_state["global_step"] == STEPS
     assert state["mlsae"] == reference_state["mlsae"]
     assert state["mlsae"]["tokens_seen"] == STEPS * 2 * 64
@@ -94,13 +140,23 @@ def test_resume_after_sigkill(uninterrupted, tmp_path):
     assert_same_run(tmp_path, uninterrupted)
 
 
+def test_resume_after_a_kill_that_loses_several_steps(uninterrupted, tmp_path):
+    cadence = ["--checkpoint_every_n_steps", "4"]
+    step = kill_ahead_of_checkpoint(tmp_path, 15, *cadence)  # 2 micro-batches per step
+    assert step == 4, step  # steps 5 to 7 were trained, then lost
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    resumed = train(tmp_path, *cadence, "--checkpoint_path", str(last))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path, uninterrupted)
+
+
 def test_sigterm_saves_a_checkpoint_then_resumes(uninterrupted, tmp_path):
     stopped = interrupt(tmp_path, signal.SIGTERM, at_step=3)
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert "Stopped by SIGTERM after step" in stopped.stdout
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     step = checkpoint_step(last)
-    assert f"after step {step};" in stopped.stdout
+    assert f"Stopped by SIGTERM after step {step}: saved {last}" in stopped.stderr
+    assert f"resume with --checkpoint_path {last}" in stopped.stderr
     assert not (tmp_path / "run" / "model").exists()
     resumed = train(tmp_path, "--checkpoint_path", str(last))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
