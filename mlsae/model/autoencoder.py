@@ -1,25 +1,36 @@
-"""The Multi-Layer Sparse Autoencoder: one TopK SAE shared by every layer's inputs."""
+"""The Multi-Layer Sparse Autoencoder: one TopK SAE shared by every layer's inputs.
 
-import logging
+For an input vector x (a residual-stream vector of any layer):
+
+    x_std, (mu, s) = standardize(x)                  # per vector: (x - mu) / (s + 1e-5)
+    pre            = W_enc (x_std - b)               # b: the pre-encoder bias
+    topk           = the k largest entries of pre    # values before ReLU
+    recons_std     = W_dec relu(topk) + b
+    recons         = recons_std * s + mu
+
+AuxK (Gao et al., 2024) also keeps the `auxk` largest pre-activations among the dead latents;
+their reconstruction `W_dec relu(auxk)` (no bias) models the residual error
+`x_std - recons_std`. The steps run on a backend of `mlsae.sparse`, chosen per call; all
+compute this function.
+"""
+
 from typing import NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from mlsae.model.decoder import choose_backend, decode
-from mlsae.model.encoder import topk_encode
-from mlsae.model.fused import fused_autoencode
+from mlsae import sparse
 from mlsae.model.hub import StrictHubMixin
-from mlsae.model.types import Stats, TopK
-
-logger = logging.getLogger(__name__)
+from mlsae.model.maintenance import (  # noqa: F401 (their home before maintenance.py)
+    maintain_decoder,
+    unit_norm_decoder,
+    unit_norm_decoder_gradient,
+)
+from mlsae.sparse import latent_major_linear
+from mlsae.types import Stats, TopK
 
 DEFAULT_DEAD_TOKENS_THRESHOLD = 10_000_000
-
-FUSED_FORWARD = True
-"""Whether `MLSAE.forward` may run the fused sparse core (see `MLSAE._fuses`); the tests
-turn it off to compare against the unfused path."""
 
 
 class EncoderOutput(NamedTuple):
@@ -85,70 +96,6 @@ def unstandardize(x: Float[Tensor, "... n_inputs"], stats: Stats) -> Float[Tenso
     return x * stats.std + stats.mean
 
 
-@torch.no_grad()
-def unit_norm_decoder(decoder: nn.Linear) -> None:
-    """Scale every decoder column (one per latent) to unit norm, in place."""
-    decoder.weight.div_(decoder.weight.norm(dim=0, keepdim=True))
-
-
-@torch.no_grad()
-def unit_norm_decoder_gradient(decoder: nn.Linear) -> None:
-    """Remove from each column's gradient its component along that column.
-
-    Assumes unit-norm columns (call `unit_norm_decoder` first).
-    """
-    weight, grad = decoder.weight, decoder.weight.grad
-    if grad is None:
-        raise ValueError("the decoder has no gradient: call this after backward")
-    parallel = (grad * weight).sum(dim=0, keepdim=True)
-    grad.sub_(parallel * weight)
-
-
-@torch.no_grad()
-def maintain_decoder(decoder: nn.Linear) -> None:
-    """`unit_norm_decoder` then `unit_norm_decoder_gradient`, fused: four passes over the
-    decoder (column norms, the division, the gradient's components along the columns, its
-    update) with no `[n_inputs, n_latents]` temporaries. Equal to the two functions to
-    float rounding."""
-    weight, grad = decoder.weight, decoder.weight.grad
-    if grad is None:
-        raise ValueError("the decoder has no gradient: call this after backward")
-    weight.div_(torch.linalg.vector_norm(weight, dim=0))
-    grad.addcmul_(weight, columnwise_dot(grad, weight), value=-1)
-
-
-COLUMN_BLOCK = 4096
-"""`columnwise_dot` works through this many columns at a time."""
-
-
-def columnwise_dot(
-    a: Float[Tensor, "rows columns"], b: Float[Tensor, "rows columns"]
-) -> Float[Tensor, " columns"]:
-    """`(a * b).sum(dim=0)`, a block of columns at a time: the elementwise product of a
-    whole decoder would be a fresh `[n_inputs, n_latents]` tensor, and on the CPU the page
-    faults of such a fresh tensor cost more than the arithmetic."""
-    out = a.new_empty(a.shape[1])
-    for start in range(0, a.shape[1], COLUMN_BLOCK):
-        block = slice(start, start + COLUMN_BLOCK)
-        torch.linalg.vecdot(a[:, block], b[:, block], dim=0, out=out[block])
-    return out
-
-
-def latent_major_linear(n_latents: int, n_inputs: int) -> nn.Linear:
-    """`nn.Linear(n_latents, n_inputs, bias=False)` whose `[n_inputs, n_latents]` weight is
-    stored latent-major: the transpose of a contiguous `[n_latents, n_inputs]` tensor, so
-    that each latent's decoder column is a contiguous row.
-
-    The sparse decode gathers those rows and its backward produces gradients in that
-    layout, so neither needs a transposed copy, and the per-latent norms of decoder
-    maintenance read contiguous memory. Shape, values, state dict and checkpoints are those
-    of a plain `nn.Linear`; loading copies into the parameter, keeping its layout.
-    """
-    decoder = nn.Linear(n_latents, n_inputs, bias=False)
-    decoder.weight = nn.Parameter(decoder.weight.detach().t().contiguous().t())
-    return decoder
-
-
 def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -179,9 +126,9 @@ class MLSAE(
     it, and here it has no effect. Likewise, a checkpoint's `last_nonzero` tensor
     (the original's per-forward counter) is accepted and dropped.
 
-    The decoder weight is stored latent-major (`latent_major_linear`); on the CPU the
-    forward runs the fused sparse core of `mlsae.model.fused`, elsewhere `topk_encode`
-    and `decode`. Both compute the same function and the same gradients.
+    `backend` (None: chosen per call, see `mlsae.sparse.backend`) names the
+    implementation of the sparse steps; the decoder weight is stored latent-major
+    (`mlsae.sparse.layout`), with the shape and state dict of a plain `nn.Linear`.
     """
 
     _optional_keys = ("tokens_since_fired",)
@@ -232,6 +179,7 @@ class MLSAE(
         self.dead_threshold = dead_threshold
         self.standardize = standardize
         self.dead_tokens_threshold = dead_tokens_threshold
+        self.backend: str | None = None
 
         self.encoder = nn.Linear(n_inputs, n_latents, bias=False)
         self.decoder = latent_major_linear(n_latents, n_inputs)
@@ -288,7 +236,10 @@ class MLSAE(
         self._dead_indices = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    # Forward pass ---------------------------------------------------------------
+    def _dead_fraction(self) -> Tensor:
+        return self.dead_mask.float().mean()
+
+    # The maths ------------------------------------------------------------------
 
     def _check_inputs(self, inputs: Tensor) -> None:
         if not isinstance(inputs, Tensor):
@@ -306,20 +257,24 @@ class MLSAE(
             return inputs, None
         return standardize(inputs)
 
-    def _encode_standardized(self, inputs_std: Tensor) -> tuple[TopK, TopK | None]:
-        leading = inputs_std.shape[:-1]
-        flat = inputs_std.reshape(-1, self.n_inputs)
-        dead_indices = self.dead_latent_indices() if self.auxk is not None else None
-        topk, auxk = topk_encode(
-            flat, self.encoder.weight, self.k, self.auxk, dead_indices, self.pre_encoder_bias
-        )
-        topk = TopK(*(t.reshape(*leading, t.shape[-1]) for t in topk))
-        if self.auxk is None:
-            return topk, None
-        return topk, TopK(*(t.reshape(*leading, t.shape[-1]) for t in auxk))
+    def _backend(self, inputs: Tensor) -> str:
+        return sparse.resolve_backend(inputs.device, self.k, self.n_latents, self.backend)
 
-    def _dead_fraction(self) -> Tensor:
-        return self.dead_mask.float().mean()
+    def _select(self, inputs_std: Tensor, backend: str) -> tuple[TopK, TopK | None]:
+        """The top-k of `W_enc (inputs_std - b)` and AuxK's selection, before ReLU."""
+        flat = inputs_std.reshape(-1, self.n_inputs)
+        dead = self.dead_latent_indices() if self.auxk is not None else None
+        topk, auxk = sparse.encode(
+            flat, self.encoder.weight, self.k, self.auxk, dead, self.pre_encoder_bias, backend
+        )
+        topk = _unflatten(topk, inputs_std)
+        return topk, None if self.auxk is None else _unflatten(auxk, inputs_std)
+
+    def _decode_latents(self, topk: TopK, backend: str | None = None) -> Tensor:
+        """`W_dec topk` (no bias)."""
+        if topk.values.shape[-1] == 0:
+            return topk.values.new_zeros((*topk.values.shape[:-1], self.n_inputs))
+        return sparse.decode(topk, self.decoder.weight, backend or self.backend)
 
     def encode(self, inputs: Float[Tensor, "... n_inputs"]) -> EncoderOutput:
         """Standardise, subtract the pre-encoder bias, encode, keep the k largest.
@@ -328,7 +283,7 @@ class MLSAE(
         """
         self._check_inputs(inputs)
         inputs_std, stats = self._standardize(inputs)
-        topk, auxk = self._encode_standardized(inputs_std)
+        topk, auxk = self._select(inputs_std, self._backend(inputs_std))
         return EncoderOutput(topk, auxk, stats, self._dead_fraction())
 
     def decode(self, topk: TopK, stats: Stats | None = None) -> Float[Tensor, "... n_inputs"]:
@@ -337,63 +292,53 @@ class MLSAE(
         recons = self._decode_latents(topk) + self.pre_encoder_bias
         return recons if stats is None else unstandardize(recons, stats)
 
-    def _decode_latents(self, topk: TopK) -> Tensor:
-        if topk.values.shape[-1] == 0:
-            return topk.values.new_zeros((*topk.values.shape[:-1], self.n_inputs))
-        return decode(topk, self.decoder.weight)
-
     def forward_standardized(self, inputs: Float[Tensor, "... n_inputs"]) -> StandardizedOutput:
         """`forward`, also returning the standardised inputs and reconstructions."""
         self._check_inputs(inputs)
         inputs_std, stats = self._standardize(inputs)
-        if self._fuses(inputs_std):
-            topk, auxk, decoded, auxk_recons = self._autoencode_fused(inputs_std)
+        backend = self._backend(inputs_std)
+        if backend in sparse.FUSED_BACKENDS and inputs_std.numel() > 0:
+            topk, auxk, decoded, auxk_recons = self._autoencode_fused(inputs_std, backend)
         else:
-            topk, auxk = self._encode_standardized(inputs_std)
+            topk, auxk = self._select(inputs_std, backend)
             topk = TopK(torch.relu(topk.values), topk.indices)
-            decoded = self._decode_latents(topk)
+            decoded = self._decode_latents(topk, backend)
             auxk_recons = None
             if auxk is not None:
                 auxk = TopK(torch.relu(auxk.values), auxk.indices)
-                auxk_recons = self._decode_latents(auxk)
+                auxk_recons = self._decode_latents(auxk, backend)
         recons_std = decoded + self.pre_encoder_bias
         recons = recons_std if stats is None else unstandardize(recons_std, stats)
         output = AutoencoderOutput(topk, recons, auxk, auxk_recons, self._dead_fraction())
         return StandardizedOutput(output, inputs_std, recons_std)
 
-    def _fuses(self, inputs_std: Tensor) -> bool:
-        """Whether `forward` runs the fused sparse core (`mlsae.model.fused`): where the
-        decode would use the "embedding_bag" backend (the CPU, k small next to n_latents)."""
-        return (
-            FUSED_FORWARD
-            and inputs_std.numel() > 0
-            and choose_backend(inputs_std.device, self.k, self.n_latents) == "embedding_bag"
-        )
-
     def _autoencode_fused(
-        self, inputs_std: Tensor
+        self, inputs_std: Tensor, backend: str
     ) -> tuple[TopK, TopK | None, Tensor, Tensor | None]:
-        leading = inputs_std.shape[:-1]
-        dead_indices = self.dead_latent_indices() if self.auxk is not None else None
-        fused = fused_autoencode(
+        """`_select`, ReLU and both decodes as one autograd function (`mlsae.sparse`)."""
+        dead = self.dead_latent_indices() if self.auxk is not None else None
+        fused = sparse.autoencode(
             inputs_std.reshape(-1, self.n_inputs),
             self.pre_encoder_bias,
             self.encoder.weight,
             self.decoder.weight,
             self.k,
             self.auxk,
-            dead_indices,
+            dead,
+            backend,
         )
-
-        def unflatten(t: Tensor) -> Tensor:
-            return t.reshape(*leading, t.shape[-1])
-
-        topk = TopK(*map(unflatten, fused.topk))
+        topk = _unflatten(fused.topk, inputs_std)
+        decoded = fused.decoded.reshape(inputs_std.shape)
         if self.auxk is None:
-            return topk, None, unflatten(fused.decoded), None
-        auxk = TopK(*map(unflatten, fused.auxk))
-        return topk, auxk, unflatten(fused.decoded), unflatten(fused.auxk_decoded)
+            return topk, None, decoded, None
+        auxk = _unflatten(fused.auxk, inputs_std)
+        return topk, auxk, decoded, fused.auxk_decoded.reshape(inputs_std.shape)
 
     def forward(self, inputs: Float[Tensor, "... n_inputs"]) -> AutoencoderOutput:
         """Encode, ReLU the k largest, decode. See `AutoencoderOutput`."""
         return self.forward_standardized(inputs).output
+
+
+def _unflatten(topk: TopK, like: Tensor) -> TopK:
+    """A `[vectors, k]` selection with the leading shape of `like`."""
+    return TopK(*(t.reshape(*like.shape[:-1], t.shape[-1]) for t in topk))

@@ -38,15 +38,18 @@ def _first_line_with(text: str, word: str) -> str:
     return line.split(". ")[0].rstrip(".")
 
 
-def load_as_data(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+def load_as_data(
+    path: str | os.PathLike[str], map_location: Any = "cpu", what: str = "file"
+) -> Any:
     """`torch.load(path, weights_only=True)`: tensors, plain containers and numbers only.
 
     Raises FileNotFoundError when the file does not exist and CheckpointError (one line
-    that names the file) when it is truncated, corrupt, or needs other objects.
+    that names the file, as `what`) when it is truncated, corrupt, or needs other objects.
     """
     path = Path(path)
+    named = f"{what} {path}"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{named} does not exist")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -54,14 +57,14 @@ def load_as_data(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any
         if _REFUSED_MARK in str(error):
             found = _first_line_with(str(error), "global")
             raise CheckpointError(
-                f"refusing to load {path}: it holds Python objects other than tensors and "
+                f"refusing to load {named}: it holds Python objects other than tensors and "
                 f"plain data ({found}); such files are read as data, never run as code"
             ) from None
-        raise CheckpointError(f"cannot read {path}: it is corrupt ({error})") from None
+        raise CheckpointError(f"cannot read {named}: it is corrupt ({error})") from None
     except Exception as error:
         reason = _first_line_with(str(error), "") or type(error).__name__
         raise CheckpointError(
-            f"cannot read {path}: it is corrupt or truncated ({reason})"
+            f"cannot read {named}: it is corrupt or truncated ({reason})"
         ) from None
 
 
@@ -70,7 +73,7 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     `load_as_data`; one that is not such a checkpoint raises CheckpointError."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = load_as_data(path, map_location)
+    checkpoint = load_as_data(path, map_location, what="checkpoint")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint of this library")
     return checkpoint

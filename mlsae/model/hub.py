@@ -232,7 +232,7 @@ class StrictHubMixin(PyTorchModelHubMixin):
             state_dict = cls._read_safetensors(path, map_location)
         except (FileNotFoundError, EntryNotFoundError):
             path = _resolve_file(model_id, constants.PYTORCH_WEIGHTS_NAME, **download_kwargs)
-            state_dict = load_as_data(path, map_location)
+            state_dict = load_as_data(path, map_location, what="weights file")
         if strict:
             load_state_dict_strictly(
                 model,

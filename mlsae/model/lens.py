@@ -95,6 +95,6 @@ def load_tuned_lens(
                 f"the tuned lens at {config_path} is for d_model={config['d_model']}, not {d_model}"
             )
     lens = TunedLens(d_model, n_blocks)
-    state = load_as_data(params_path)
+    state = load_as_data(params_path, what="tuned lens")
     lens.layer_translators.load_state_dict(state)
     return lens

@@ -39,8 +39,8 @@ from mlsae.model.hub import CheckpointError, StrictHubMixin, load_state_dict_str
 from mlsae.model.lens import TunedLens, load_tuned_lens
 from mlsae.model.losses import auxk_loss, layerwise_fvu
 from mlsae.model.non_finite import NonFiniteTracker
-from mlsae.model.optim import make_adam
 from mlsae.model.transformer import Transformer
+from mlsae.sparse import make_adam
 
 logger = logging.getLogger(__name__)
 
@@ -381,29 +381,10 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         )
         return loss
 
-    def _grad_scaler(self) -> Any:
-        if self._trainer is None:
-            return None
-        return getattr(self.trainer.precision_plugin, "scaler", None)
-
-    def on_after_backward(self) -> None:
-        if self._grad_scaler() is not None and self.non_finite.step_bad is not None:
-            # With a gradient scaler, poisoned gradients make it skip the step itself.
-            poison = torch.where(self.non_finite.step_bad, float("nan"), 0.0)
-            for parameter in self.autoencoder.parameters():
-                if parameter.grad is not None:
-                    parameter.grad.add_(poison)
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         maintain_decoder(self.autoencoder.decoder)
         skip = self.non_finite.end_step(self.global_step)
-        if self._grad_scaler() is None:
-            if getattr(optimizer, "_mlsae_fused", False):
-                optimizer.found_inf = skip.float()
-                optimizer.grad_scale = None
-            elif skip.item():
-                for parameter in self.autoencoder.parameters():
-                    parameter.grad = None
+        optimizer.skip_step_if(skip)
         self._update_dead_latents(skip)
 
     def _update_dead_latents(self, skip: Tensor) -> None:

@@ -8,16 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlsae.model import autoencoder, decoder, encoder, native
-from mlsae.model.autoencoder import (
-    latent_major_linear,
-    maintain_decoder,
-    unit_norm_decoder,
-    unit_norm_decoder_gradient,
-)
-from mlsae.model.decoder import decode, sparse_transpose_product
-from mlsae.model.encoder import fast_topk, select_latents, topk_encode
-from mlsae.model.types import TopK
+from mlsae.model.maintenance import maintain_decoder, unit_norm_decoder, unit_norm_decoder_gradient
+from mlsae.sparse import encoder, gather
+from mlsae.sparse.decoder import decode
+from mlsae.sparse.encoder import select_latents, topk_encode
+from mlsae.sparse.latent_order import LatentOrder, sparse_transpose_product
+from mlsae.sparse.layout import latent_major_linear
+from mlsae.sparse.topk import fast_topk
+from mlsae.sparse.tuning import TUNING
+from mlsae.types import TopK
 
 
 def _sorted(indices: torch.Tensor) -> torch.Tensor:
@@ -25,41 +24,39 @@ def _sorted(indices: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(params=["native", "torch"])
-def topk_backend(request, monkeypatch):
+def use_native(request) -> bool:
     """`fast_topk` by the native kernel, then by its torch ops."""
-    if request.param == "torch":
-        monkeypatch.setattr(native, "usable", lambda *tensors: False)
-    return request.param
+    return request.param == "native"
 
 
 @pytest.mark.parametrize(
     ("n", "k"), [(8192, 32), (4096, 256), (1024, 8), (1000, 5), (64, 16), (48, 3), (128, 0)]
 )
-def test_fast_topk_selects_the_same_latents_as_torch_topk(n, k, topk_backend):
+def test_fast_topk_selects_the_same_latents_as_torch_topk(n, k, use_native):
     generator = torch.Generator().manual_seed(n + k)
     x = torch.randn(37, n, generator=generator)
-    values, indices = fast_topk(x, k)
+    values, indices = fast_topk(x, k, use_native)
     ref_values, ref_indices = x.topk(k, dim=-1, sorted=False)
     assert torch.equal(_sorted(indices), _sorted(ref_indices))
     assert torch.equal(values.sort(dim=-1).values, ref_values.sort(dim=-1).values)
     assert torch.equal(x.gather(1, indices), values)
 
 
-def test_fast_topk_on_a_column_slice_and_with_clustered_maxima(topk_backend):
+def test_fast_topk_on_a_column_slice_and_with_clustered_maxima(use_native):
     x = torch.randn(9, 8192)
     # The largest values all in one interleaved block: the blocks' bound must still hold.
     x[:, 5::512] += 100.0
     x[:, 7] += 50.0
     for view in (x, x[:, 4096:]):
-        values, indices = fast_topk(view, 24)
+        values, indices = fast_topk(view, 24, use_native)
         assert torch.equal(_sorted(indices), _sorted(view.topk(24, dim=-1).indices))
         assert torch.equal(view.gather(1, indices), values)
 
 
-def test_fast_topk_ties_keep_the_selected_values(topk_backend):
+def test_fast_topk_ties_keep_the_selected_values(use_native):
     x = torch.zeros(3, 4096)
     x[:, 100:140] = 1.0
-    values, indices = fast_topk(x, 32)
+    values, indices = fast_topk(x, 32, use_native)
     assert torch.equal(values, torch.ones(3, 32))
     assert ((indices >= 100) & (indices < 140)).all()
     assert all(row.unique().numel() == 32 for row in indices)
@@ -156,7 +153,7 @@ def test_decode_reuses_the_latent_major_copy_only_for_the_same_weight_version():
 
 
 def test_maintain_decoder_in_column_blocks_and_latent_major(monkeypatch):
-    monkeypatch.setattr(autoencoder, "COLUMN_BLOCK", 7)
+    monkeypatch.setattr(TUNING, "column_block", 7)
     torch.manual_seed(1)
     fused = latent_major_linear(50, 12)
     fused.weight.data.mul_(2.5)
@@ -172,24 +169,24 @@ def test_maintain_decoder_in_column_blocks_and_latent_major(monkeypatch):
         (4096, 4096 * 64, 100, 64),  # 4096 rows x 64 fp32 columns = the 1 MiB budget
         (1024, 1024 * 64, 100, 256),
         (16, 16 * 64, 100, 512),  # the whole table fits
-        (100_000, 100_000 * 8, 100, 64),  # never narrower than MIN_COLUMN_CHUNK
+        (100_000, 100_000 * 8, 100, 64),  # never narrower than min_column_chunk
         (1536, 1536 * 32, 32768, 512),  # mostly empty bags: writing the output dominates
     ],
 )
 def test_column_chunk_widths(n_rows, n_entries, n_bags, expected):
-    assert decoder.column_chunk(512, n_rows, n_entries, n_bags) == expected
+    assert gather.column_chunk(512, n_rows, n_entries, n_bags) == expected
 
 
 @pytest.mark.parametrize("with_offsets", [False, True])
 def test_bag_sum_in_column_slices_is_identical_to_embedding_bag(monkeypatch, with_offsets):
-    monkeypatch.setattr(decoder, "CACHE_BUDGET_BYTES", 30 * 16 * 4)
-    monkeypatch.setattr(decoder, "MIN_COLUMN_CHUNK", 16)
+    monkeypatch.setattr(TUNING, "cache_budget_bytes", 30 * 16 * 4)
+    monkeypatch.setattr(TUNING, "min_column_chunk", 16)
     generator = torch.Generator().manual_seed(2)
     wide = torch.randn(30, 100, generator=generator)
     table = wide[:, 10:90]  # unit column stride, row stride 100: a slice
     indices = torch.randint(0, 30, (40, 9), generator=generator)
     weights = torch.randn(40, 9, generator=generator)
-    assert decoder.column_chunk(80, 30, indices.numel(), 40) == 16
+    assert gather.column_chunk(80, 30, indices.numel(), 40) == 16
     if with_offsets:
         indices, weights = indices.reshape(-1), weights.reshape(-1)
         offsets = torch.tensor([0, 0, 5, 100, 101, 360])  # empty bags included
@@ -198,7 +195,7 @@ def test_bag_sum_in_column_slices_is_identical_to_embedding_bag(monkeypatch, wit
     expected = F.embedding_bag(
         indices, table.contiguous(), offsets, per_sample_weights=weights, mode="sum"
     )
-    assert torch.equal(decoder.bag_sum(table, indices, weights, offsets), expected)
+    assert torch.equal(gather.bag_sum(table, indices, weights, offsets), expected)
 
 
 def test_latent_order_segment_sums_and_row_dots_match_dense():
@@ -207,7 +204,7 @@ def test_latent_order_segment_sums_and_row_dots_match_dense():
     values = torch.randn(25, 6, generator=generator, dtype=torch.float64)
     rows = torch.randn(25, 11, generator=generator, dtype=torch.float64)
     table = torch.randn(70, 11, generator=generator, dtype=torch.float64)
-    order = decoder.LatentOrder(indices, 70)
+    order = LatentOrder(indices, 70)
     assert torch.equal(indices.reshape(-1)[order.order].diff() >= 0, torch.ones(149, dtype=bool))
     dense = torch.zeros(25, 70, dtype=torch.float64).scatter(1, indices, values)
     torch.testing.assert_close(order.segment_sums(rows, values), dense.T @ rows)
@@ -221,7 +218,7 @@ def test_latent_order_sorts_on_narrow_keys_stably(n_latents):
     generator = torch.Generator().manual_seed(n_latents)
     indices = torch.randint(0, n_latents, (300, 4), generator=generator)
     indices[:, 0] = n_latents - 1  # the largest latent must survive the narrowing
-    order = decoder.LatentOrder(indices, n_latents).order
+    order = LatentOrder(indices, n_latents).order
     assert torch.equal(order, torch.sort(indices.reshape(-1), stable=True).indices)
 
 
@@ -235,7 +232,7 @@ def test_latent_order_keep_leaves_out_the_unmarked_entries(n_latents):
     values = torch.randn(25, 6, generator=generator, dtype=torch.float64)
     rows = torch.randn(25, 11, generator=generator, dtype=torch.float64)
     table = torch.randn(n_latents, 11, generator=generator, dtype=torch.float64)
-    order = decoder.LatentOrder(indices, n_latents, keep=keep)
+    order = LatentOrder(indices, n_latents, keep=keep)
     kept = keep.reshape(-1).nonzero().squeeze(1)
     expected_order = kept[torch.sort(indices.reshape(-1)[kept], stable=True).indices]
     assert torch.equal(order.order, expected_order)
@@ -253,7 +250,7 @@ def test_latent_order_keep_leaves_out_the_unmarked_entries(n_latents):
 
 def test_latent_order_keeping_nothing_is_empty():
     indices = torch.tensor([[1, 2], [0, 2]])
-    order = decoder.LatentOrder(indices, 3, keep=torch.zeros(2, 2, dtype=torch.bool))
+    order = LatentOrder(indices, 3, keep=torch.zeros(2, 2, dtype=torch.bool))
     assert order.order.numel() == 0 and torch.equal(order.offsets, torch.zeros(3, dtype=torch.long))
     rows = torch.randn(2, 4)
     assert torch.equal(order.segment_sums(rows, torch.ones(2, 2)), torch.zeros(3, 4))
@@ -294,8 +291,8 @@ def test_select_latents_auxk_over_gathered_or_reordered_dead_columns(
     n_vectors, n_dead, chunk_rows, monkeypatch
 ):
     if chunk_rows:  # the pre-activations a few rows at a time
-        monkeypatch.setattr(encoder, "ENCODE_CHUNK_BYTES", chunk_rows * 64 * 8)
-        monkeypatch.setattr(encoder, "MIN_ENCODE_CHUNK_ROWS", 1)
+        monkeypatch.setattr(TUNING, "encode_chunk_bytes", chunk_rows * 64 * 8)
+        monkeypatch.setattr(TUNING, "min_encode_chunk_rows", 1)
         assert len(encoder.encode_chunks(n_vectors, 64 * 8, torch.device("cpu"))) > 1
     generator = torch.Generator().manual_seed(n_vectors)
     x = torch.randn(n_vectors, 10, generator=generator, dtype=torch.float64)
@@ -322,8 +319,8 @@ def test_select_latents_in_chunks_into_one_buffer_equals_the_whole(monkeypatch, 
     weight = torch.randn(64, 10, generator=generator)
     dead = torch.arange(64)
     whole = select_latents(x, weight, 4, 64, dead)
-    monkeypatch.setattr(encoder, "ENCODE_CHUNK_BYTES", 3 * 64 * 4)
-    monkeypatch.setattr(encoder, "MIN_ENCODE_CHUNK_ROWS", 1)
+    monkeypatch.setattr(TUNING, "encode_chunk_bytes", 3 * 64 * 4)
+    monkeypatch.setattr(TUNING, "min_encode_chunk_rows", 1)
     assert len(encoder.encode_chunks(11, 64 * 4, torch.device("cpu"))) == 4
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         chunked = select_latents(x, weight, 4, 64, dead)
@@ -358,7 +355,7 @@ def test_encode_chunks_cover_the_rows_within_the_budget(n_vectors, row_bytes):
     assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:], strict=False))
     sizes = [c.stop - c.start for c in chunks]
     assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
-    rows_allowed = max(encoder.MIN_ENCODE_CHUNK_ROWS, encoder.ENCODE_CHUNK_BYTES // row_bytes)
+    rows_allowed = max(TUNING.min_encode_chunk_rows, TUNING.encode_chunk_bytes // row_bytes)
     assert max(sizes) <= rows_allowed
     assert len(chunks) == -(-n_vectors // rows_allowed)  # no more chunks than needed
     assert encoder.encode_chunks(n_vectors, row_bytes, torch.device("meta")) == [

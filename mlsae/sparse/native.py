@@ -2,14 +2,12 @@
 
 - `topk`: the k largest elements of every row, as `torch.topk(sorted=False)`, in one
   vectorised pass: a threshold from the maxima of groups of elements, a compare of 16
-  elements at a time against it, and a compress-store of the few that pass. 3.7x faster
-  than `fast_topk`'s torch ops for AuxK's 256 of 4,096 and 2.3x for the top 32 of 8,192
-  (512 rows, two cores).
+  elements at a time against it, and a compress-store of the few that pass, where the
+  torch ops make several passes over the row.
 - `sparse_backward`: the fused autoencoder's whole backward over its selected entries
   (the values', the decoder's and the encoder's gradients) in one pass per tile of
   vectors, with its own counting sort by latent, where torch's path makes a pass per
-  product plus a sort and gathers. In the training step with half the latents dead
-  (8,192 latents, two cores) it takes 77 ms where torch's path takes 114.
+  product plus a sort and gathers.
 
 The kernels run on torch's own OpenMP threads (`GOMP_parallel` of the runtime torch
 loaded): threads of their own would compete for the cores with OpenMP's, which spin for a
@@ -18,9 +16,9 @@ while after every torch operation.
 The source is compiled with the system's C compiler (`$CC`, else `cc`) for this CPU
 (`-march=native`) into `$MLSAE_CACHE_DIR` (default `~/.cache/mlsae`), keyed by a hash of
 the source, the compiler, its flags and the CPU, so a shared home directory serves
-different machines. Without a compiler, or with `MLSAE_NATIVE=0`, `available()` is False
-and the callers use their torch paths, which compute the same results to float rounding.
-Only fp32 CPU tensors take these kernels.
+different machines. Without a compiler `available()` is False; `mlsae.sparse.backend`
+decides whether they run (the `native` backend, fp32 CPU tensors only, unless
+`MLSAE_NATIVE=0`), and the other backends compute the same results to float rounding.
 """
 
 import ctypes
@@ -38,26 +36,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mlsae.sparse.tuning import TUNING
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=fast", "-Wno-psabi")
 TUNE_FLAGS = ("-march=native",)
-
-L2_BUDGET_BYTES = 1536 * 1024
-"""Bytes of rows `sparse_backward` keeps in one core's L2 cache at a time, its tile of
-vectors' rows of the gradients and inputs (the machine measured has 2 MiB per core)."""
-
-MIN_ENTRIES_PER_VISIT = 4
-"""`sparse_backward` makes its tiles of vectors large enough that a latent has about this
-many entries in each on average: every visit of a latent in a tile loads its decoder row
-and both its gradient rows, which costs more than the cache misses a smaller tile saves
-when a latent has only an entry or two there. Measured in the training step on two CPU
-cores (512 inputs): 8,192 latents with half dead take 71 ms in tiles of 256 vectors and
-127 ms untiled; 32,768 latents with none dead 14 ms untiled and 18 ms in tiles of 256."""
-
-MIN_PARALLEL_TERMS = 1 << 18
-"""Below this many multiply-adds a kernel runs on one thread: starting threads costs more."""
 
 _ERRORS = {
     1: (IndexError, "a selected latent index is outside [0, n_latents)"),
@@ -69,13 +54,6 @@ _ERRORS = {
 def available() -> bool:
     """Whether the kernels are compiled and loaded (compiling them on the first call)."""
     return _library() is not None
-
-
-def usable(*tensors: Tensor) -> bool:
-    """Whether the kernels can take these tensors: all fp32 on the CPU, and compiled."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and (
-        available()
-    )
 
 
 def cache_dir() -> Path:
@@ -148,11 +126,9 @@ def _openmp_parallel() -> int | None:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("MLSAE_NATIVE", "1") == "0":
-        return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.info("no C compiler found: the CPU kernels of mlsae.model.native are off")
+        logger.info("no C compiler found: the CPU kernels of mlsae.sparse.native are off")
         return None
     for flags in (FLAGS + TUNE_FLAGS, FLAGS):
         key = hashlib.sha256()
@@ -165,7 +141,7 @@ def _library() -> ctypes.CDLL | None:
                 return _load(target)
         except OSError as error:
             logger.info("loading the CPU kernels from %s failed: %s", target, error)
-    logger.info("the CPU kernels of mlsae.model.native are off (see the messages above)")
+    logger.info("the CPU kernels of mlsae.sparse.native are off (see the messages above)")
     return None
 
 
@@ -174,13 +150,21 @@ def _pointer(tensor: Tensor | None) -> ctypes.c_void_p | None:
 
 
 def _threads(n_terms: int) -> int:
-    return 1 if n_terms < MIN_PARALLEL_TERMS else torch.get_num_threads()
+    return 1 if n_terms < TUNING.min_parallel_terms else torch.get_num_threads()
 
 
 def _check(status: int, kernel: str) -> None:
     if status:
         error, message = _ERRORS.get(status, (RuntimeError, f"failed with status {status}"))
         raise error(f"native {kernel}: {message}")
+
+
+def _require_fp32_cpu(kernel: str, *tensors: Tensor | None) -> None:
+    for tensor in tensors:
+        if tensor is not None and (tensor.dtype != torch.float32 or tensor.device.type != "cpu"):
+            raise TypeError(
+                f"native {kernel} takes fp32 CPU tensors, not {tensor.dtype} on {tensor.device}"
+            )
 
 
 def _rows(tensor: Tensor) -> Tensor:
@@ -191,6 +175,7 @@ def topk(x: Float[Tensor, "rows n"], k: int) -> tuple[Tensor, Tensor]:
     """`x.topk(k, dim=-1, sorted=False)` for an fp32 CPU matrix with unit column stride
     (a column slice is fine): the same values per row, in an unspecified order, and among
     elements tied at the k-th value, any of them. Rows holding a NaN go to `torch.topk`."""
+    _require_fp32_cpu("topk", x)
     n_rows, n = x.shape
     if not 0 < k <= n:
         return x.topk(k, dim=-1, sorted=False)
@@ -239,6 +224,7 @@ def sparse_backward(
     gradient `sum of value * grad row` per latent, the encoder gradient `sum of dvals *
     x[v]` per latent (None without `x`) and, with `latent_sums`, each latent's sum of
     dvals."""
+    _require_fp32_cpu("sparse_backward", values, grad_main, grad_aux, decoder, x, direct)
     n_vectors, width = selected.shape
     n_latents, d = decoder.shape
     decoder = _rows(decoder)
@@ -254,8 +240,8 @@ def sparse_backward(
     rows_per_vector = (1 if grad_aux is None else 2) + (0 if x is None else 1)
     tile = max(
         16,
-        L2_BUDGET_BYTES // (rows_per_vector * max(d, 1) * 4),
-        -(-MIN_ENTRIES_PER_VISIT * n_vectors * n_latents // max(1, selected.numel())),
+        TUNING.l2_budget_bytes // (rows_per_vector * max(d, 1) * 4),
+        -(-TUNING.min_entries_per_visit * n_vectors * n_latents // max(1, selected.numel())),
     )
     tile = min(tile, (2**31 - 1) // max(width, 1))  # entries of a tile are int32 positions
     status = _library().mlsae_sparse_backward(

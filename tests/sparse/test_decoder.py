@@ -2,19 +2,20 @@
 
 import contextlib
 import importlib
-import logging
 import sys
 from unittest import mock
 
 import pytest
 import torch
 
-from mlsae.model import decoder
-from mlsae.model.decoder import BACKENDS, choose_backend, decode, scatter_topk
-from mlsae.model.types import TopK
+from mlsae.model.decoder import BACKENDS
+from mlsae.sparse import backend as backends
+from mlsae.sparse import decoder, native
+from mlsae.sparse.decoder import decode, scatter_topk
+from mlsae.types import TopK
 
 pytest.importorskip("triton")
-kernels = importlib.import_module("mlsae.model.kernels")
+kernels = importlib.import_module("mlsae.sparse.kernels")
 
 TOLERANCES = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),
@@ -189,39 +190,27 @@ def test_backends_agree_on_values_only_gradient():
 
 def test_unknown_backend():
     topk = TopK(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="'sparse'.*triton.*embedding_bag.*dense"):
-        decode(topk, torch.randn(4, 8), backend="sparse")
+    with pytest.raises(ValueError, match="'nope'.*triton.*embedding_bag.*dense"):
+        decode(topk, torch.randn(4, 8), backend="nope")
 
 
 def test_triton_not_importable(monkeypatch):
-    monkeypatch.setitem(sys.modules, "mlsae.model.kernels", None)
-    decoder._triton_available.cache_clear()
+    monkeypatch.setitem(sys.modules, "mlsae.sparse.kernels", None)
+    backends._triton_imports.cache_clear()
     try:
         topk = TopK(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.long))
         with pytest.raises(ImportError, match="needs Triton"):
             decode(topk, torch.randn(4, 8), backend="triton")
-        assert choose_backend(torch.device("cuda"), 3, 8192) == "embedding_bag"
+        assert backends.resolve_backend(torch.device("cuda"), 3, 8192) == "sparse"
     finally:
-        decoder._triton_available.cache_clear()
-
-
-def test_choose_backend(monkeypatch):
-    monkeypatch.delenv("USE_TRITON", raising=False)
-    cuda = torch.device("cuda")
-    assert choose_backend(cuda, 32, 8192) == "triton"
-    assert choose_backend(torch.device("cpu"), 32, 8192) == "embedding_bag"
-    assert choose_backend(torch.device("cpu"), 16, 16) == "dense"
-    monkeypatch.setenv("USE_TRITON", "0")
-    assert choose_backend(cuda, 32, 8192) == "embedding_bag"
-    assert choose_backend(cuda, 8192, 8192) == "dense"
-    monkeypatch.setenv("USE_TRITON", "1")
-    assert choose_backend(cuda, 32, 8192) == "triton"
+        backends._triton_imports.cache_clear()
 
 
 def test_auto_selection_on_cpu(monkeypatch, launches):
     calls = []
+    resolve = backends.resolve_backend
     monkeypatch.setattr(
-        decoder, "choose_backend", lambda *args: calls.append(args) or "embedding_bag"
+        decoder, "resolve_backend", lambda *args: calls.append(args) or resolve(*args)
     )
     weight = torch.randn(49, 16)
     topk = TopK(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.long))
@@ -229,16 +218,6 @@ def test_auto_selection_on_cpu(monkeypatch, launches):
     assert calls == [(torch.device("cpu"), 3, 16)]
     torch.testing.assert_close(out, decode(topk, weight, "dense"))
     assert not launches["decode_forward_kernel"].called
-
-
-def test_choice_logged_once_at_debug(caplog):
-    decoder._log_choice.cache_clear()
-    with caplog.at_level(logging.DEBUG, logger="mlsae.model.decoder"):
-        for _ in range(3):
-            choose_backend(torch.device("cpu"), 4, 1024)
-    messages = [r for r in caplog.records if r.name == "mlsae.model.decoder"]
-    assert len(messages) == 1 and messages[0].levelno == logging.DEBUG
-    assert "embedding_bag" in messages[0].getMessage()
 
 
 def test_scatter_topk():
@@ -277,19 +256,15 @@ def test_triton_on_cuda(dtype):
 
 @pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
 def test_embedding_bag_backward_with_and_without_the_c_kernel(use_native, monkeypatch):
-    """The CPU backward runs `native.sparse_backward` where the C kernels are compiled
-    (every entry counts, negative values included), else its torch path."""
-    from mlsae.model import native
-
+    """The `native` backend's CPU backward runs `native.sparse_backward` (every entry counts,
+    negative values included), the `sparse` backend's its torch path."""
     if use_native and not native.available():
         pytest.fail("the C kernels did not compile")
-    if not use_native:
-        monkeypatch.setattr(native, "usable", lambda *tensors: False)
     generator = torch.Generator().manual_seed(5)
     n_latents, k = 300, 40  # latents chosen by several vectors, negative values
     weight = torch.randn(70, n_latents, generator=generator)
     values = torch.randn(2, 33, k, generator=generator)
     indices = random_indices((2, 33), k, n_latents, generator)
     with mock.patch.object(native, "sparse_backward", wraps=native.sparse_backward) as kernel:
-        check("embedding_bag", values, indices, weight)
+        check("native" if use_native else "sparse", values, indices, weight)
     assert kernel.called == use_native

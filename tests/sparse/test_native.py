@@ -1,4 +1,4 @@
-"""The C kernels of `mlsae.model.native` against torch references: `topk` against
+"""The C kernels of `mlsae.sparse.native` against torch references: `topk` against
 `torch.topk` (ties, infinities, NaN rows, column slices, both of its paths),
 `sparse_backward` against gradients summed in float64, both independent of the thread
 count and tile size, and the same results from builds without AVX-512 or any vector
@@ -11,7 +11,9 @@ import shutil
 import pytest
 import torch
 
-from mlsae.model import native
+from mlsae.sparse import native
+from mlsae.sparse.backend import native_available
+from mlsae.sparse.tuning import TUNING
 
 
 @pytest.fixture(autouse=True)
@@ -144,11 +146,11 @@ def test_sparse_backward_without_auxk_encoder_or_direct_gradients():
 def test_results_do_not_depend_on_threads_or_tiles(monkeypatch):
     problem = _problem(5, n_vectors=400, n_latents=300, d=96)
     x = torch.randn(257, 5000)
-    monkeypatch.setattr(native, "MIN_PARALLEL_TERMS", 0)
+    monkeypatch.setattr(TUNING, "min_parallel_terms", 0)
     results = []
     for threads, budget, visit in [(1, 1 << 30, 1), (2, 1 << 30, 1), (2, 4096, 1), (3, 1, 4)]:
-        monkeypatch.setattr(native, "L2_BUDGET_BYTES", budget)
-        monkeypatch.setattr(native, "MIN_ENTRIES_PER_VISIT", visit)
+        monkeypatch.setattr(TUNING, "l2_budget_bytes", budget)
+        monkeypatch.setattr(TUNING, "min_entries_per_visit", visit)
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -221,19 +223,19 @@ def test_compiles_into_the_cache_directory_and_can_be_turned_off(tmp_path, monke
     monkeypatch.setenv("MLSAE_CACHE_DIR", str(tmp_path))
     native._library.cache_clear()
     try:
-        assert native.available()
+        assert native.available() and native_available()
         assert len(list(tmp_path.glob("native-*.so"))) == 1
-        native._library.cache_clear()
         monkeypatch.setenv("MLSAE_NATIVE", "0")
-        assert not native.available()
-        assert not native.usable(torch.zeros(1))
+        assert not native_available()
     finally:
         native._library.cache_clear()
         monkeypatch.undo()
         assert native.available()
 
 
-def test_usable_only_for_float32_cpu_tensors():
-    assert native.usable(torch.zeros(2), torch.zeros(3))
-    assert not native.usable(torch.zeros(2), torch.zeros(3, dtype=torch.float64))
-    assert not native.usable(torch.zeros(2, dtype=torch.bfloat16))
+def test_the_kernels_take_float32_cpu_tensors_only():
+    with pytest.raises(TypeError, match="native topk takes fp32 CPU tensors, not torch.bfloat16"):
+        native.topk(torch.zeros(2, 8, dtype=torch.bfloat16), 2)
+    selected, values, k, grad_main, grad_aux, decoder, x, direct = _problem(3)
+    with pytest.raises(TypeError, match="native sparse_backward"):
+        native.sparse_backward(selected, values.double(), k, grad_main, grad_aux, decoder, x)

@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from mlsae.model import autoencoder
-from mlsae.model.autoencoder import MLSAE, latent_major_linear
-from mlsae.model.fused import fused_autoencode
+from mlsae.model.autoencoder import MLSAE
 from mlsae.model.losses import auxk_loss, layerwise_fvu
+from mlsae.sparse import FUSED_BACKENDS, fused_backward
+from mlsae.sparse.fused import fused_autoencode
+from mlsae.sparse.layout import latent_major_linear
+from mlsae.sparse.tuning import TUNING
 
 
 def _problem(seed: int, n_vectors=23, n_inputs=12, n_latents=96):
@@ -28,7 +30,7 @@ def _loss_weights(seed: int, *shapes):
 @pytest.mark.parametrize("mostly_negative", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_values_and_gradients_equal_dense_autograd(n_dead, inputs_grad, mostly_negative, dtype):
-    """float64 takes the torch backward, float32 the native kernels (where compiled); the
+    """The `native` backend: float64 takes the torch backward, float32 the C kernels; the
     reference is dense autograd in float64 either way."""
     inputs, bias, encoder, decoder = _problem(n_dead)
     if mostly_negative:  # most pre-activations negative: ReLU zeroes top-k and AuxK entries
@@ -39,7 +41,7 @@ def test_values_and_gradients_equal_dense_autograd(n_dead, inputs_grad, mostly_n
     dead = torch.randperm(96, generator=torch.Generator().manual_seed(1))[:n_dead]
     leaves = [t.clone().requires_grad_() for t in (inputs, bias, encoder, decoder)]
     leaves[0].requires_grad_(inputs_grad)
-    out = fused_autoencode(*leaves, k, auxk, dead)
+    out = fused_autoencode(*leaves, k, auxk, dead, "native")
     inputs, bias, encoder, decoder = (t.double() for t in (inputs, bias, encoder, decoder))
     n_aux = min(auxk, n_dead)
     assert out.topk.indices.shape == (23, k) and out.auxk.indices.shape == (23, n_aux)
@@ -108,23 +110,23 @@ def test_mlsae_forward_and_gradients_with_and_without_fusion(monkeypatch, auxk):
     model = MLSAE(32, 256, 4, auxk=auxk, dead_tokens_threshold=1)
     model.update_dead_latents(torch.arange(256) % 3, 1)  # a third of the latents fired
     x = torch.randn(3, 2, 7, 32) * 2 + 1
-    assert model._fuses(x)
+    assert model._backend(x) in FUSED_BACKENDS
     results = {}
     for fused in (True, False):
-        monkeypatch.setattr(autoencoder, "FUSED_FORWARD", fused)
+        model.backend = None if fused else "sparse"
         model.zero_grad(set_to_none=True)
         output = model(x)
         _mlsae_loss(model, x).backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         results[fused] = (output, grads)
     (fused_out, fused_grads), (plain_out, plain_grads) = results[True], results[False]
-    assert torch.equal(fused_out.topk.indices, plain_out.topk.indices)
-    assert torch.equal(fused_out.topk.values, plain_out.topk.values)
-    assert torch.equal(fused_out.recons, plain_out.recons)
+    # The C top-k may order a vector's selection differently from torch.topk.
+    assert torch.equal(*(_by_latent(out.topk) for out in (fused_out, plain_out)))
+    torch.testing.assert_close(fused_out.recons, plain_out.recons)
     if auxk is None:
         assert fused_out.auxk is None and fused_out.auxk_recons is None
     else:
-        assert torch.equal(fused_out.auxk.indices, plain_out.auxk.indices)
+        assert torch.equal(*(_by_latent(out.auxk) for out in (fused_out, plain_out)))
         # Unfused, AuxK's 16 of 256 latents decode densely (k >= 1/16 of the latents).
         torch.testing.assert_close(fused_out.auxk_recons, plain_out.auxk_recons)
     for name, grad in plain_grads.items():
@@ -133,10 +135,16 @@ def test_mlsae_forward_and_gradients_with_and_without_fusion(monkeypatch, auxk):
 
 def test_fusion_is_used_only_where_the_decode_is_embedding_bag():
     model = MLSAE(8, 64, 2, auxk=4)
-    assert model._fuses(torch.randn(3, 8))
-    assert not model._fuses(torch.randn(0, 8))  # empty batches take the plain path
-    assert not MLSAE(8, 64, 16, auxk=4)._fuses(torch.randn(3, 8))  # k >= 1/16: dense decode
+    assert model._backend(torch.randn(3, 8)) in FUSED_BACKENDS
+    large_k = MLSAE(8, 64, 16, auxk=4)  # k >= 1/16 of the latents: the sparse backend
+    assert large_k._backend(torch.randn(3, 8)) == "sparse"
     assert MLSAE(8, 64, 2, auxk=4)(torch.randn(0, 8)).recons.shape == (0, 8)
+
+
+def _by_latent(topk) -> torch.Tensor:
+    """A selection as (latent, value) pairs in latent order, per vector."""
+    indices, order = topk.indices.sort(dim=-1)
+    return torch.stack([indices.double(), topk.values.gather(-1, order).double()])
 
 
 def _fp32_decode(topk, weight: torch.Tensor) -> torch.Tensor:
@@ -154,7 +162,7 @@ def test_bfloat16_autoencoder_runs_fused_with_fp32_accumulation(n_dead):
     model.update_dead_latents((torch.arange(4096) >= n_dead).long(), 1)
     assert model.decoder.weight.t().is_contiguous() and not model.pre_encoder_bias.any()
     x = torch.randn(2, 1, 24, 32).bfloat16()
-    assert model._fuses(x)
+    assert model._backend(x) in FUSED_BACKENDS
     result = model.forward_standardized(x)
     output = result.output
     assert output.recons.dtype == torch.bfloat16 and output.auxk.indices.shape[-1] == 64
@@ -196,7 +204,7 @@ def test_under_cpu_autocast_fused_and_plain_paths_agree(monkeypatch):
     x = torch.randn(2, 1, 9, 32)
     results = {}
     for fused in (True, False):
-        monkeypatch.setattr(autoencoder, "FUSED_FORWARD", fused)
+        model.backend = None if fused else "sparse"
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             output = model(x)
@@ -213,23 +221,23 @@ def test_under_cpu_autocast_fused_and_plain_paths_agree(monkeypatch):
 
 @pytest.mark.parametrize(("n_dead", "dense"), [(20, True), (32, True), (33, False)])
 def test_auxk_over_few_dead_latents_takes_dense_products(n_dead, dense, monkeypatch):
-    """With at most `DENSE_AUXK_DEAD_PER_SLOT` dead latents per AuxK slot, AuxK's decode
-    and gradients are matmuls over the dead columns; they equal the sparse pass's."""
+    """With at most `Tuning.dense_auxk_dead_per_slot` dead latents per AuxK slot, AuxK's
+    decode and gradients are matmuls over the dead columns; they equal the sparse pass's."""
     from unittest import mock
-
-    from mlsae.model import fused
 
     inputs, bias, encoder, decoder = (t.float() for t in _problem(n_dead))
     dead = torch.randperm(96, generator=torch.Generator().manual_seed(2))[:n_dead]
     weights = _loss_weights(n_dead, (23, 12), (23, 12), (23, 8))
     results = {}
-    for per_slot in (fused.DENSE_AUXK_DEAD_PER_SLOT, 0):  # 0: always sparse
-        monkeypatch.setattr(fused, "DENSE_AUXK_DEAD_PER_SLOT", per_slot)
+    for per_slot in (TUNING.dense_auxk_dead_per_slot, 0):  # 0: always sparse
+        monkeypatch.setattr(TUNING, "dense_auxk_dead_per_slot", per_slot)
         leaves = [t.clone().requires_grad_() for t in (inputs, bias, encoder, decoder)]
         with mock.patch.object(
-            fused, "add_dense_auxk_gradients", wraps=fused.add_dense_auxk_gradients
+            fused_backward,
+            "add_dense_auxk_gradients",
+            wraps=fused_backward.add_dense_auxk_gradients,
         ) as spy:
-            out = fused_autoencode(*leaves, 6, 8, dead)
+            out = fused_autoencode(*leaves, 6, 8, dead, "native")
             loss = (out.decoded * weights[0]).sum() + (out.auxk_decoded * weights[1]).sum()
             (loss + (out.auxk.values * weights[2].float()).sum()).backward()
         assert spy.called == (dense and per_slot > 0)

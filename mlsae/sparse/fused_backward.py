@@ -1,149 +1,17 @@
-"""The autoencoder's sparse core as one autograd function, for the CPU.
-
-`fused_autoencode` encodes, applies ReLU and decodes both selections (the top-k and AuxK's)
-in one `torch.autograd.Function`. It computes what `topk_encode` followed by two `decode`
-calls computes, but its backward visits the `k + auxk` selected entries of every vector
-once, sorted by latent, leaving out those ReLU zeroed (they add nothing to any gradient;
-a NaN pre-activation is left out too, so its NaN does not spread into the weights'
-gradients: the loss, which `NonFiniteTracker` checks, is still NaN), and uses that one
-order for all three sparse products:
-
-- the values' gradients, `dot(grad of the decoded vector, decoder row of the latent)`;
-- the decoder's gradient, one segment sum per latent over both selections at once (the
-  top-k and AuxK contributions land in one `[n_latents, n_inputs]` buffer instead of two
-  that autograd then adds);
-- the encoder's gradient, one segment sum per latent of `grad * input`.
-
-Where few latents are dead (at most `DENSE_AUXK_DEAD_PER_SLOT` per AuxK slot), AuxK's
-entries fill much of the dead latents' columns, and its decode and gradients are dense
-matmuls over those columns instead (`[vectors, n_dead]`, small next to the top-k's
-`[vectors, n_latents]` pre-activations); the sparse pass then takes the top-k alone.
-
-Only the selected latents receive gradient; nothing `[vectors, n_latents]`-sized outlives
-the forward. Gradients equal those of the unfused path to float rounding (the tests check
-both against dense autograd).
-"""
+"""The backward of the fused autoencoder (`mlsae.sparse.fused`): gradients from the
+selected entries only, by torch operations or the C kernel, and AuxK's as dense products
+over the dead latents' columns where few are dead."""
 
 from typing import NamedTuple
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
-from mlsae.model import native
-from mlsae.model.decoder import LatentOrder, _latent_major, bag_sum
-from mlsae.model.encoder import bias_gradient, select_latents
-from mlsae.model.types import TopK
-
-
-class FusedOutput(NamedTuple):
-    """What `fused_autoencode` returns."""
-
-    topk: TopK
-    """The k largest latents of every vector, after ReLU."""
-
-    auxk: TopK
-    """AuxK's selection among the dead latents, after ReLU (possibly empty)."""
-
-    decoded: Float[Tensor, "vectors n_inputs"]
-    """`decode(topk)`, without the pre-encoder bias."""
-
-    auxk_decoded: Float[Tensor, "vectors n_inputs"]
-    """`decode(auxk)` (zeros for an empty selection)."""
-
-
-def fused_autoencode(
-    inputs: Float[Tensor, "vectors n_inputs"],
-    bias: Float[Tensor, " n_inputs"],
-    encoder_weight: Float[Tensor, "n_latents n_inputs"],
-    decoder_weight: Float[Tensor, "n_inputs n_latents"],
-    k: int,
-    auxk: int | None,
-    dead_indices: Int[Tensor, " n_dead"] | None,
-) -> FusedOutput:
-    """Encode `inputs - bias`, keep the k largest (and AuxK's selection among
-    `dead_indices`), ReLU, and decode both selections. Differentiable in every tensor."""
-    values, indices, auxk_values, auxk_indices, decoded, auxk_decoded = _FusedAutoencode.apply(
-        inputs, bias, encoder_weight, decoder_weight, k, auxk, dead_indices
-    )
-    return FusedOutput(
-        TopK(values, indices), TopK(auxk_values, auxk_indices), decoded, auxk_decoded
-    )
-
-
-DENSE_AUXK_DEAD_PER_SLOT = 4
-"""AuxK's selection is decoded, and differentiated, as dense products over the dead latents'
-columns where there are at most this many dead latents per AuxK slot (the steady state of
-a run, with about 1% of the latents dead): its entries then fill at least a quarter of
-those columns, and a matmul over all of them beats gathering rows per entry. Measured in
-the training step on two CPU cores (512 inputs, AuxK 256): 8,192 latents with 81 dead and
-32,768 latents with 327 dead (see the README's Performance section)."""
-
-
-def decode_selections(
-    table: Float[Tensor, "n_latents n_inputs"],
-    topk: TopK,
-    auxk: TopK,
-    dead_indices: Int[Tensor, " n_dead"] | None,
-) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-    """The fused forward's decode of both selections from the latent-major decoder `table`:
-    `(decoded, auxk_decoded, dense_auxk)`, where `dense_auxk` is `(dead_indices, columns)`
-    (each AuxK entry's column among the dead latents) where AuxK was decoded by a dense
-    product over the dead latents' columns (see `DENSE_AUXK_DEAD_PER_SLOT`), else None."""
-    values, indices = topk
-    decoded = bag_sum(table, indices, values.float()).to(values.dtype)
-    width = auxk.indices.shape[1]
-    if 0 < width and dead_indices.numel() <= DENSE_AUXK_DEAD_PER_SLOT * width:
-        columns = _dead_columns(auxk.indices, dead_indices, table.shape[0])
-        dense = _scatter_columns(auxk.values.float(), columns, dead_indices.numel())
-        auxk_decoded = (dense @ table.index_select(0, dead_indices)).to(values.dtype)
-        return decoded, auxk_decoded, (dead_indices, columns)
-    if width > 0:
-        auxk_decoded = bag_sum(table, auxk.indices, auxk.values.float()).to(values.dtype)
-    else:
-        auxk_decoded = decoded.new_zeros(decoded.shape)
-    return decoded, auxk_decoded, None
-
-
-class _FusedAutoencode(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, inputs, bias, encoder_weight, decoder_weight, k, auxk, dead_indices):
-        x = inputs - bias
-        values, indices, auxk_values, auxk_indices = select_latents(
-            x, encoder_weight, k, auxk, dead_indices
-        )
-        values, auxk_values = values.relu(), auxk_values.relu()
-        table = _latent_major(decoder_weight)
-        decoded, auxk_decoded, ctx.dense_auxk = decode_selections(
-            table, TopK(values, indices), TopK(auxk_values, auxk_indices), dead_indices
-        )
-        ctx.save_for_backward(x, encoder_weight, table, values, indices, auxk_values, auxk_indices)
-        ctx.dtypes = (inputs.dtype, bias.dtype, encoder_weight.dtype, decoder_weight.dtype)
-        ctx.mark_non_differentiable(indices, auxk_indices)
-        ctx.set_materialize_grads(False)  # no zero tensors for outputs the loss leaves unused
-        return values, indices, auxk_values, auxk_indices, decoded, auxk_decoded
-
-    @staticmethod
-    def backward(ctx, grad_values, _, grad_auxk_values, __, grad_decoded, grad_auxk_decoded):
-        x, encoder_weight, table, values, indices, auxk_values, auxk_indices = ctx.saved_tensors
-        inputs_dtype, bias_dtype, encoder_dtype, decoder_dtype = ctx.dtypes
-        needs = Needs(*ctx.needs_input_grad[:4])
-        grads = selection_gradients(
-            needs,
-            Selection(x, encoder_weight, table, values, indices, auxk_values, auxk_indices),
-            ctx.dense_auxk,
-            grad_values,
-            grad_auxk_values,
-            grad_decoded,
-            grad_auxk_decoded,
-        )
-        grad_x, grad_bias, grad_encoder, grad_decoder = grads
-        grad_inputs = grad_x.to(inputs_dtype) if needs.inputs else None
-        if needs.bias:
-            grad_bias = (-grad_x.sum(0) if needs.inputs else grad_bias).to(bias_dtype)
-        grad_encoder = grad_encoder.to(encoder_dtype) if needs.encoder else None
-        grad_decoder = grad_decoder.t().to(decoder_dtype) if needs.decoder else None
-        return grad_inputs, grad_bias, grad_encoder, grad_decoder, None, None, None
+from mlsae.sparse import native
+from mlsae.sparse.backend import uses_native
+from mlsae.sparse.encoder import bias_gradient
+from mlsae.sparse.gather import bag_sum
+from mlsae.sparse.latent_order import LatentOrder
 
 
 class Needs(NamedTuple):
@@ -183,6 +51,7 @@ def selection_gradients(
     needs: Needs,
     selection: Selection,
     dense_auxk: tuple[Tensor, Tensor] | None,
+    use_native: bool,
     grad_values: Tensor | None,
     grad_auxk_values: Tensor | None,
     grad_decoded: Tensor | None,
@@ -190,16 +59,14 @@ def selection_gradients(
 ) -> Gradients:
     """The fused backward's gradients from both selections, given the forward's
     `dense_auxk` (see `decode_selections`): one sparse pass over the top-k and, unless AuxK
-    was decoded densely, AuxK's entries; then the dense AuxK products where it was."""
+    was decoded densely, AuxK's entries (by the C kernel where `use_native`); then the
+    dense AuxK products where it was."""
     x, encoder_weight, table, values, indices, auxk_values, auxk_indices = selection
     sparse_aux = (auxk_values, auxk_indices, grad_auxk_values, grad_auxk_decoded)
     if dense_auxk is not None:  # the sparse pass takes the top-k alone
         sparse_aux = (auxk_values[:, :0], auxk_indices[:, :0], None, None)
-    sparse = (
-        native_sparse_gradients
-        if native.usable(x, table, values, encoder_weight)
-        else torch_sparse_gradients
-    )
+    use_native = use_native and uses_native("native", x, table, values, encoder_weight)
+    sparse = native_sparse_gradients if use_native else torch_sparse_gradients
     sparse_values, sparse_indices, sparse_grad_values, sparse_grad_decoded = sparse_aux
     grads = sparse(
         needs,
@@ -222,14 +89,15 @@ def selection_gradients(
     return grads
 
 
-def _dead_columns(auxk_indices: Tensor, dead_indices: Tensor, n_latents: int) -> Tensor:
+def dead_columns(auxk_indices: Tensor, dead_indices: Tensor, n_latents: int) -> Tensor:
     """Each AuxK entry's column among `dead_indices` (unique latents)."""
     column_of = torch.zeros(n_latents, dtype=torch.long, device=dead_indices.device)
     column_of[dead_indices] = torch.arange(dead_indices.numel(), device=dead_indices.device)
     return column_of[auxk_indices]
 
 
-def _scatter_columns(values: Tensor, columns: Tensor, n_columns: int) -> Tensor:
+def scatter_columns(values: Tensor, columns: Tensor, n_columns: int) -> Tensor:
+    """`[vectors, n_columns]` zeros with each vector's `values` at its `columns`."""
     return values.new_zeros((values.shape[0], n_columns)).scatter_(1, columns, values)
 
 
@@ -248,7 +116,7 @@ def add_dense_auxk_gradients(
     x, encoder_weight, table, _, _, values, columns = selection
     n_dead = dead_indices.numel()
     kept = values > 0  # entries ReLU zeroed, or NaN, add nothing (as in the sparse pass)
-    dense_values = _scatter_columns(torch.where(kept, values, 0).float(), columns, n_dead)
+    dense_values = scatter_columns(torch.where(kept, values, 0).float(), columns, n_dead)
     if grad_auxk_decoded is None:
         grad_entries = dense_values.new_zeros(dense_values.shape)
     else:

@@ -1,4 +1,4 @@
-"""The TopK encoder: one matmul, the k largest pre-activations, and AuxK's selection.
+"""The sparse TopK encoder: one matmul, the k largest pre-activations, and AuxK's selection.
 
 `topk_encode` is an autograd function whose backward touches only the selected
 latents: the dense `[vectors, n_latents]` pre-activations live only inside the
@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mlsae.model import native
-from mlsae.model.decoder import sparse_transpose_product
-from mlsae.model.types import TopK
+from mlsae.sparse.backend import uses_native
+from mlsae.sparse.latent_order import sparse_transpose_product
+from mlsae.sparse.topk import fast_topk
+from mlsae.sparse.tuning import TUNING
+from mlsae.types import TopK
 
 
 def _empty_selection(n_vectors: int, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -22,28 +24,13 @@ def _empty_selection(n_vectors: int, like: Tensor) -> tuple[Tensor, Tensor]:
     return values, indices
 
 
-ENCODE_CHUNK_BYTES = 16 * 2**20
-"""On the CPU, `select_latents` computes and searches the pre-activations about this many
-bytes of rows at a time (but at least `MIN_ENCODE_CHUNK_ROWS` rows), into one buffer it
-reuses for every chunk. A chunk is still in the cache when its top-k runs, and the full
-`[3072, 8192]` fp32 pre-activations, allocated afresh every step, cost 20-25 ms of page
-faults per step on the CI machine, a fifth of the matmul."""
-
-MIN_ENCODE_CHUNK_ROWS = 512
-"""The fewest rows `select_latents` multiplies at a time. The BLAS packs the whole encoder
-weight for every matmul, whatever its rows: at 32,768 latents a 16 MiB chunk is 128 rows,
-and on two cores of an AMD EPYC (Zen 2, MKL 2024.2) the encoder matmul of 1,536 vectors
-took 787 ms in chunks of 128 rows, 730 in chunks of 256, 575 in chunks of 512 and 538 ms
-whole; the training step went from 996 to 805 ms."""
-
-
 def encode_chunks(n_vectors: int, row_bytes: int, device: torch.device) -> list[slice]:
     """Row ranges of near-equal size whose pre-activations take at most
-    `ENCODE_CHUNK_BYTES` each, or `MIN_ENCODE_CHUNK_ROWS` rows where those take more (one
-    range off the CPU)."""
+    `Tuning.encode_chunk_bytes` each, or `Tuning.min_encode_chunk_rows` rows where those
+    take more (one range off the CPU)."""
     if device.type != "cpu":
         return [slice(0, n_vectors)]
-    rows_per_chunk = max(1, MIN_ENCODE_CHUNK_ROWS, ENCODE_CHUNK_BYTES // row_bytes)
+    rows_per_chunk = max(1, TUNING.min_encode_chunk_rows, TUNING.encode_chunk_bytes // row_bytes)
     n_chunks = max(1, -(-n_vectors // rows_per_chunk))
     bounds = [n_vectors * i // n_chunks for i in range(n_chunks + 1)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
@@ -59,13 +46,15 @@ def select_latents(
     k: int,
     auxk: int | None,
     dead_indices: Int[Tensor, " n_dead"] | None,
+    use_native: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The encoder's forward without autograd: the k largest pre-activations of `x @
     weight.T` and AuxK's `min(auxk, n_dead)` largest among `dead_indices`, as `(values,
-    indices, auxk_values, auxk_indices)`. On the CPU the dense pre-activations exist only
-    a chunk of rows at a time (`ENCODE_CHUNK_BYTES`); the BLAS may round a chunk's matmul
-    differently from the whole one's in the last bit (not at the sizes measured, where
-    chunks of 64 rows or more matched bit for bit)."""
+    indices, auxk_values, auxk_indices)`, with the C top-k where `use_native`. On the CPU
+    the dense pre-activations exist only a chunk of rows at a time
+    (`Tuning.encode_chunk_bytes`); the BLAS may round a chunk's matmul differently from
+    the whole one's in the last bit (chunks of 64 rows or more have matched bit for
+    bit)."""
     n_latents = weight.shape[0]
     with_auxk = bool(auxk) and dead_indices is not None and dead_indices.numel() > 0
     n_dead = dead_indices.numel() if with_auxk else 0
@@ -96,7 +85,7 @@ def select_latents(
             pre_activations = F.linear(rows, weight)
         else:
             pre_activations = torch.mm(rows, weight.t(), out=buffer[: rows.shape[0]])
-        values, indices = fast_topk(pre_activations, k)
+        values, indices = fast_topk(pre_activations, k, use_native)
         if not with_auxk:
             return (values, indices, *_empty_selection(rows.shape[0], values))
         if order is not None:
@@ -110,7 +99,7 @@ def select_latents(
             auxk_values = dead_pre_activations.clone(memory_format=torch.contiguous_format)
             positions = None
         else:
-            auxk_values, positions = fast_topk(dead_pre_activations, auxk)
+            auxk_values, positions = fast_topk(dead_pre_activations, auxk, use_native)
         return values, indices, auxk_values, positions
 
     parts = [search(x[rows]) for rows in chunks]
@@ -142,11 +131,11 @@ def bias_gradient(
 
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, inputs, bias, weight, k, auxk, dead_indices):
+    def forward(ctx, inputs, bias, weight, k, auxk, dead_indices, use_native):
         x = inputs if bias is None else inputs - bias
         ctx.bias_dtype = None if bias is None else bias.dtype
         values, indices, auxk_values, auxk_indices = select_latents(
-            x, weight, k, auxk, dead_indices
+            x, weight, k, auxk, dead_indices, use_native
         )
         ctx.save_for_backward(x, weight, indices, auxk_indices)
         ctx.mark_non_differentiable(indices, auxk_indices)
@@ -177,7 +166,7 @@ class _TopKEncode(torch.autograd.Function):
             grad_weight = sparse_transpose_product(
                 x.to(compute), grads, selected, weight.shape[0]
             ).to(weight.dtype)
-        return grad_inputs, grad_bias, grad_weight, None, None, None
+        return grad_inputs, grad_bias, grad_weight, None, None, None, None
 
 
 def topk_encode(
@@ -187,6 +176,7 @@ def topk_encode(
     auxk: int | None = None,
     dead_indices: Int[Tensor, " n_dead"] | None = None,
     bias: Float[Tensor, " n_inputs"] | None = None,
+    backend: str = "sparse",
 ) -> tuple[TopK, TopK]:
     """The k largest pre-activations of `(inputs - bias) @ weight.T`, and AuxK's selection.
 
@@ -194,46 +184,11 @@ def topk_encode(
     n_dead)` largest pre-activations among the latents in `dead_indices` (unique;
     an empty selection when there are none). Gradients reach `inputs`, `bias` and
     `weight` only through the selected latents; with `inputs` not requiring
-    gradients, the bias gradient costs one vector-matrix product.
+    gradients, the bias gradient costs one vector-matrix product. The `native` backend
+    selects with the C top-k.
     """
+    use_native = uses_native(backend, inputs, weight)
     values, indices, auxk_values, auxk_indices = _TopKEncode.apply(
-        inputs, bias, weight, k, auxk, dead_indices
+        inputs, bias, weight, k, auxk, dead_indices, use_native
     )
     return TopK(values, indices), TopK(auxk_values, auxk_indices)
-
-
-MAX_TOPK_GROUPS = 16
-"""`fast_topk` splits each row into at most this many interleaved groups of columns."""
-
-
-def fast_topk(x: Float[Tensor, "rows n"], k: int) -> tuple[Tensor, Tensor]:
-    """`x.topk(k, dim=-1, sorted=False)`, exact, faster on the CPU where k is small next
-    to n.
-
-    A row's n columns are cut into `groups` interleaved slices of `n / groups` columns;
-    block b holds column b of every slice. The k blocks with the largest maxima hold all
-    of the row's k largest values: any other element is exceeded by k block maxima, so
-    it is not among the k largest. The top-k then runs over `groups * k` candidates
-    instead of n, and the block maxima are an elementwise max of `groups` contiguous
-    slices, which vectorises. `groups` is the largest power of two up to
-    `MAX_TOPK_GROUPS` that divides n and leaves at least `4 * k` blocks; with fewer than
-    two groups, or off the CPU, this is `torch.topk`. Where the C kernels are compiled,
-    fp32 CPU input goes to `native.topk` instead (one vectorised pass). The selected values
-    are identical to `torch.topk`'s; among tied values the indices may differ.
-    """
-    if x.dim() == 2 and 0 < k <= x.shape[-1] and native.usable(x):
-        return native.topk(x, k)
-    n = x.shape[-1]
-    groups = MAX_TOPK_GROUPS
-    while groups > 1 and (n % groups or n // groups < 4 * k):
-        groups //= 2
-    if x.device.type != "cpu" or x.dim() != 2 or groups < 2 or k == 0:
-        return x.topk(k, dim=-1, sorted=False)
-    width = n // groups
-    blocks = x.unflatten(-1, (groups, width))
-    block_max = blocks.amax(dim=1)
-    _, block_indices = block_max.topk(k, dim=-1, sorted=False)
-    candidates = blocks.gather(2, block_indices.unsqueeze(1).expand(-1, groups, k))
-    values, positions = candidates.flatten(1).topk(k, dim=-1, sorted=False)
-    indices = (positions // k) * width + block_indices.gather(1, positions % k)
-    return values, indices

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mlsae.model.encoder import topk_encode
+from mlsae.sparse.encoder import topk_encode
 
 
 def dense_reference(inputs, weight, k, auxk, dead):
