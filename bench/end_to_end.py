@@ -30,12 +30,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import mlsae.model.encoder as encoder_module  # noqa: E402
 import torch  # noqa: E402
+from mlsae.model.optim import make_adam  # noqa: E402
 from torchmetrics import MetricCollection  # noqa: E402
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
-import mlsae.model.encoder as encoder_module  # noqa: E402
 from bench.common import machine_note  # noqa: E402
+from mlsae.lm.transformer import Transformer  # noqa: E402
 from mlsae.metrics import (  # noqa: E402
     DeadLatents,
     LayerwiseFVU,
@@ -46,8 +48,6 @@ from mlsae.metrics import (  # noqa: E402
 )
 from mlsae.model.autoencoder import MLSAE, maintain_decoder  # noqa: E402
 from mlsae.model.losses import auxk_loss, layerwise_fvu  # noqa: E402
-from mlsae.model.optim import make_adam  # noqa: E402
-from mlsae.model.transformer import Transformer  # noqa: E402
 
 PYTHIA_70M = dict(
     hidden_size=512,

@@ -31,7 +31,7 @@ WAYS = ("none", "pieces", "whole")
 
 
 def long_document(size_mb: float) -> str:
-    from mlsae.model.documents import iter_text_groups
+    from mlsae.lm.documents import iter_text_groups
 
     texts = [
         text
@@ -55,7 +55,7 @@ def measure(way: str, size_mb: float, tokenizer_path: str) -> dict[str, object]:
     """Tokenise the document one way, in this process; the figures."""
     import torch
 
-    from mlsae.model.token_stream import MAX_DOCUMENT_CHARS, concat_and_tokenize, load_tokenizer
+    from mlsae.lm.token_stream import MAX_DOCUMENT_CHARS, concat_and_tokenize, load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path)
     document = long_document(size_mb)

@@ -5,7 +5,6 @@ import csv
 import json
 import math
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -18,14 +17,13 @@ import torch
 from matplotlib.figure import Figure
 from simple_parsing import field
 
-from mlsae.analysis.config import DEFAULT_MODEL_NAME, cache_path, require_local_data
+from mlsae.analysis.config import DEFAULT_MODEL_NAME
 from mlsae.analysis.dists import Dists, DistsConfig, save_dists
-from mlsae.trainer.config import DataConfig, initialize
-from mlsae.utils import get_device, get_repo_id, local_model_name
+from mlsae.cli import DataConfig, initialize, require_local_data
+from mlsae.names import cache_path, get_repo_id, model_label, parse_repo_id
+from mlsae.utils import get_device
 
 DPI = 200
-
-_PUBLISHED_NAME = re.compile(r"^(?:mlsae|sae)-(?P<model>.+)-x(?P<x>\d+)-k(?P<k>\d+)(?P<rest>.*)$")
 
 
 @dataclass
@@ -59,17 +57,6 @@ class ModelSpec:
         }
 
 
-def model_label(repo_id: str) -> str:
-    """`owner/mlsae-x-tfm` -> `mlsae-x`; a model that train.py saved to `<run>/model` -> the
-    run's name; a file -> its name without the extension."""
-    path = Path(repo_id.rstrip("/"))
-    if path.is_file():
-        return path.name.split(".")[0]
-    if path.is_dir():
-        return local_model_name(str(path)).removesuffix("-tfm")
-    return path.name.removesuffix("-tfm")
-
-
 def describe_model(repo_id: str, transformer: str | None = None) -> ModelSpec:
     """A `ModelSpec` for an explicit --repo_id, from its config.json when it is a local
     folder, otherwise from the published naming (`mlsae-<model>-x<E>-k<K>[-lens]`)."""
@@ -83,12 +70,12 @@ def describe_model(repo_id: str, transformer: str | None = None) -> ModelSpec:
         spec.k = config.get("k")
         spec.tuned_lens = bool(config.get("tuned_lens", False))
         return spec
-    match = _PUBLISHED_NAME.match(repo_id.rstrip("/").split("/")[-1])
-    if match:
-        spec.model_name = match["model"]
-        spec.expansion_factor = int(match["x"])
-        spec.k = int(match["k"])
-        spec.tuned_lens = "-lens" in match["rest"]
+    published = parse_repo_id(repo_id)
+    if published:
+        spec.model_name = published.model
+        spec.expansion_factor = published.expansion_factor
+        spec.k = published.k
+        spec.tuned_lens = published.tuned_lens
     return spec
 
 

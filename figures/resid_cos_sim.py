@@ -25,7 +25,7 @@ from typing import Any
 from figures.common import new_figure, parse_config, save_figure, write_csv
 from mlsae.analysis.config import DEFAULT_MODEL_NAME
 from mlsae.analysis.geometry import Centre, GeometryConfig, save_geometry
-from mlsae.trainer.config import DataConfig
+from mlsae.cli import DataConfig
 
 FLOAT_COLUMNS = ("norm", "cos_sim", "cos_sim_std", "centred_cos_sim", "centred_cos_sim_std")
 

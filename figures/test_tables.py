@@ -34,7 +34,7 @@ from figures.common import (
     value_cell,
     write_tables,
 )
-from mlsae.trainer.test import csv_name
+from mlsae.names import csv_name
 
 
 class Metric(NamedTuple):

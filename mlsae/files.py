@@ -1,19 +1,29 @@
-"""Writing outputs so that a fault never leaves one half-written.
+"""Files as faults and attackers leave them: outputs never half-written, pickles read as
+data.
 
 Every file or folder the library writes for later runs to read (checkpoints, saved models,
 analysis outputs) goes to a hidden `.<name>.partial` beside its destination and is renamed
 into place only once complete. A failure removes the partial; a killed process leaves one
 behind, which the next write to that destination (or `remove_partials` at the start of a run)
 removes. A full disk becomes a `DiskFullError` that names the folder.
+
+`torch.load` with `weights_only=False` unpickles arbitrary objects, so a crafted `.ckpt`,
+`.bin` or `.pt` would run code when loaded. Every such file this library reads goes
+through `load_as_data`, which allows tensors, plain containers and numbers (and the one
+Lightning type a checkpoint of this library may hold); a file that needs more is refused.
 """
 
 import errno
 import logging
 import os
+import pickle
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -103,3 +113,57 @@ def remove_partials(folder: str | os.PathLike[str]) -> list[Path]:
         logger.info("removing %s, left by an interrupted write", path)
         _remove(path)
     return stale
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be read, or does not match its module."""
+
+
+_REFUSED_MARK = "Weights only load failed"
+
+
+def _safe_globals() -> list[Any]:
+    """The non-builtin types that checkpoints of this library may hold."""
+    try:
+        from lightning.fabric.utilities.data import AttributeDict
+    except ImportError:  # pragma: no cover - Lightning is a dependency
+        return []
+    # Lightning may store the module's hyperparameters as an AttributeDict (a plain dict).
+    return [AttributeDict]
+
+
+def _first_line_with(text: str, word: str) -> str:
+    """The first sentence of the first line of `text` that contains `word`."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = next((line for line in lines if word in line.lower()), lines[0] if lines else "")
+    return line.split(". ")[0].rstrip(".")
+
+
+def load_as_data(
+    path: str | os.PathLike[str], map_location: Any = "cpu", what: str = "file"
+) -> Any:
+    """`torch.load(path, weights_only=True)`: tensors, plain containers and numbers only.
+
+    Raises FileNotFoundError when the file does not exist and CheckpointError (one line
+    that names the file, as `what`) when it is truncated, corrupt, or needs other objects.
+    """
+    path = Path(path)
+    named = f"{what} {path}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{named} does not exist")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if _REFUSED_MARK in str(error):
+            found = _first_line_with(str(error), "global")
+            raise CheckpointError(
+                f"refusing to load {named}: it holds Python objects other than tensors and "
+                f"plain data ({found}); such files are read as data, never run as code"
+            ) from None
+        raise CheckpointError(f"cannot read {named}: it is corrupt ({error})") from None
+    except Exception as error:
+        reason = _first_line_with(str(error), "") or type(error).__name__
+        raise CheckpointError(
+            f"cannot read {named}: it is corrupt or truncated ({reason})"
+        ) from None

@@ -342,7 +342,7 @@ stream has real structure, but it is tiny: use it to try the library, not to stu
   `AutoTokenizer.from_pretrained("{output}/model")`.
 - `data/train.jsonl.zst`, `data/validation.jsonl.zst`, `data/test.jsonl.zst`: the
   documents, one `{{"text": ..., "meta": {{}}}}` per line, zstd-compressed, like the Pile's
-  test split. Read them with `mlsae.model.data` as any local data: the directory
+  test split. Read them with `mlsae.lm.data` as any local data: the directory
   `{output}/data` with a split name, or one file.
 
 ## How they were made

@@ -12,7 +12,7 @@ import torch
 import zstandard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mlsae.model.data import TokenBlocks
+from mlsae.lm.data import TokenBlocks
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "quickstart"

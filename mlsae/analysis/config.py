@@ -1,19 +1,16 @@
 """What every analysis command shares: which model, which data, where outputs go."""
 
-import os
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from pathlib import Path
 
 import torch
 from simple_parsing import field
-from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
 
 from mlsae.analysis.source import MLSAESource, load_source
-from mlsae.model.data import get_test_dataloader, get_train_dataloader
-from mlsae.trainer.config import DataConfig, require_local_data
-from mlsae.utils import get_device, get_repo_id, local_model_name
+from mlsae.cli import DataConfig
+from mlsae.lm.data import held_out_stream
+from mlsae.names import cache_path, derived_name, get_repo_id  # noqa: F401 (re-exported)
+from mlsae.utils import get_device
 
 DEFAULT_MODEL_NAME = "EleutherAI/pythia-70m-deduped"
 
@@ -80,55 +77,5 @@ class AnalysisConfig:
         )
 
 
-def derived_name(repo_id: str, suffix: str) -> str:
-    """The hub id of a model's analysis dataset: `...-tfm` becomes `...-<suffix>`.
-
-    A local folder gives its name (`path/to/mlsae-x-tfm` -> `mlsae-x-<suffix>`; a model
-    that train.py saved to `out/runs/<run>/model` -> `<run>-<suffix>`).
-    """
-    repo_id = repo_id.rstrip("/")
-    if os.path.isdir(repo_id):
-        repo_id = local_model_name(repo_id)
-    if repo_id.endswith(f"-{suffix}"):
-        return repo_id
-    if repo_id.endswith("-tfm"):
-        repo_id = repo_id[: -len("-tfm")]
-    return f"{repo_id}-{suffix}"
-
-
-def cache_path(repo_id: str, suffix: str, extension: str, output_dir: str = "out") -> Path:
-    """The local cache of an analysis, `<output_dir>/<owner>-<name>-<suffix>.<extension>`,
-    as the original names it."""
-    return Path(output_dir) / f"{derived_name(repo_id, suffix).replace('/', '-')}.{extension}"
-
-
-def held_out_batches(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> DataLoader:
-    """The test stream of `config` (from its first block), `max_steps` batches."""
-    require_local_data(config.path)
-    return get_test_dataloader(
-        tokenizer,
-        config.max_length,
-        config.batch_size,
-        path=config.path,
-        max_tokens=config.max_tokens,
-        split=config.split,
-        text_column=config.text_column,
-        num_workers=config.num_workers,
-        skip_bad_documents=config.skip_bad_documents,
-    )
-
-
-def training_batches(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> DataLoader:
-    """The training stream of `config` (from its first block), `max_steps` batches."""
-    require_local_data(config.path)
-    return get_train_dataloader(
-        config.path,
-        tokenizer,
-        config.max_length,
-        config.batch_size,
-        max_tokens=config.max_tokens,
-        split=config.split,
-        text_column=config.text_column,
-        num_workers=config.num_workers,
-        skip_bad_documents=config.skip_bad_documents,
-    )
+held_out_batches = training_batches = held_out_stream
+"""The stream of the data options from its first block, `max_steps` batches."""

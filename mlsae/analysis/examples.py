@@ -45,8 +45,7 @@ from mlsae.analysis.examples_db import (
 )
 from mlsae.analysis.identity import OutputOrigin, replacement_note, source_identity
 from mlsae.analysis.source import LatentBatch, LatentSource
-from mlsae.cli import run_command
-from mlsae.trainer.config import initialize, parse
+from mlsae.cli import initialize, parse, run_command
 
 __all__ = [
     "COLUMNS",

@@ -34,10 +34,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mlsae.analysis.config import DEFAULT_MODEL_NAME, held_out_batches
-from mlsae.cli import run_command
+from mlsae.cli import DataConfig, initialize, parse, run_command
 from mlsae.files import atomic_output
-from mlsae.model.transformer import Transformer
-from mlsae.trainer.config import DataConfig, initialize, parse
+from mlsae.lm.transformer import Transformer
 from mlsae.utils import get_device
 
 COLUMNS = (

@@ -26,9 +26,8 @@ from torch import Tensor
 
 from mlsae.analysis.config import AnalysisConfig, cache_path
 from mlsae.analysis.source import LatentSource
-from mlsae.cli import run_command
+from mlsae.cli import initialize, parse, run_command
 from mlsae.files import atomic_output
-from mlsae.trainer.config import initialize, parse
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 

@@ -29,9 +29,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mlsae.analysis.config import DEFAULT_MODEL_NAME, derived_name
-from mlsae.cli import run_command
+from mlsae.cli import initialize, parse, run_command
 from mlsae.files import atomic_output
-from mlsae.trainer.config import initialize, parse
 from mlsae.utils import get_device, get_repo_id
 
 DECODER_KEYS = ("autoencoder.decoder.weight", "decoder.weight")

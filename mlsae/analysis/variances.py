@@ -49,9 +49,8 @@ from mlsae.analysis.identity import (
     source_identity,
 )
 from mlsae.analysis.source import LatentBatch, LatentSource
-from mlsae.cli import run_command
+from mlsae.cli import DataConfig, initialize, parse, run_command
 from mlsae.files import atomic_output
-from mlsae.trainer.config import DataConfig, initialize, parse
 
 LATENT_COLUMNS = ("latent", "active_tokens", "token_variance", "aggregate_variance")
 

@@ -6,8 +6,8 @@ from mlsae.model.autoencoder import MLSAE, AutoencoderOutput, EncoderOutput
 from mlsae.model.types import Stats, TopK
 
 if TYPE_CHECKING:
+    from mlsae.lm.transformer import Transformer
     from mlsae.model.lightning import MLSAETransformer
-    from mlsae.model.transformer import Transformer
 
 __all__ = [
     "MLSAE",
@@ -21,7 +21,7 @@ __all__ = [
 
 _LAZY = {
     "MLSAETransformer": "mlsae.model.lightning",
-    "Transformer": "mlsae.model.transformer",
+    "Transformer": "mlsae.lm.transformer",
 }
 
 

@@ -23,7 +23,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from mlsae.model.checkpoint import CheckpointError, load_as_data
+from mlsae.files import CheckpointError, load_as_data
 
 logger = logging.getLogger(__name__)
 

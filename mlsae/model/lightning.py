@@ -16,6 +16,8 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics import MetricCollection
 
+from mlsae.lm.lens import TunedLens, load_tuned_lens
+from mlsae.lm.transformer import Transformer
 from mlsae.metrics import (
     DeadLatents,
     LayerwiseFVU,
@@ -36,10 +38,8 @@ from mlsae.model.autoencoder import (
 from mlsae.model.checkpoint import read_checkpoint
 from mlsae.model.geom_median import geometric_median
 from mlsae.model.hub import CheckpointError, StrictHubMixin, load_state_dict_strictly, read_config
-from mlsae.model.lens import TunedLens, load_tuned_lens
 from mlsae.model.losses import auxk_loss, layerwise_fvu
 from mlsae.model.non_finite import NonFiniteTracker
-from mlsae.model.transformer import Transformer
 from mlsae.sparse import make_adam
 
 logger = logging.getLogger(__name__)

@@ -10,8 +10,10 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from mlsae.cli import UserError
 
-class NonFiniteError(RuntimeError):
+
+class NonFiniteError(UserError, RuntimeError):
     """Training met a NaN or infinity in the residual stream or the loss."""
 
 

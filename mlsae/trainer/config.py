@@ -4,19 +4,15 @@ Options are unprefixed (`--expansion_factor`, `-k`, `--path`, ...) as in the
 original, so `python train.py --help` lists every one with its default.
 """
 
-import os
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from itertools import product
-from typing import Any
 
-import simple_parsing
 import torch
 from simple_parsing import field
 
-from mlsae.model.data import max_steps
+from mlsae.cli import DataConfig, initialize, parse, require_local_data  # noqa: F401 (re-exported)
 from mlsae.utils import get_repo_id
 
 
@@ -72,26 +68,8 @@ MLSAEConfig = AutoencoderConfig
 
 
 @dataclass
-class DataConfig:
-    """Where the text comes from and how it is cut into token blocks."""
-
-    path: str = "monology/pile-uncopyrighted"
-    """A hub dataset id, or local .jsonl[.zst]/.parquet/.txt files, a folder or a glob."""
-
-    split: str = "train"
-    """The split of a hub dataset (or of a local folder of split files)."""
-
-    text_column: str = "text"
-    """The column that holds the text."""
-
-    max_length: int = 2048
-    """Tokens per sequence."""
-
-    batch_size: int = 1
-    """Sequences per micro-batch."""
-
-    max_tokens: int = 1_000_000_000
-    """The number of tokens to train on (or to evaluate on, for test and analysis)."""
+class TrainDataConfig(DataConfig):
+    """Where the text comes from, how it is cut into token blocks, and what is held out."""
 
     val_path: str | None = None
     """Separate validation data; without it, validation holds out the first
@@ -103,56 +81,9 @@ class DataConfig:
     val_tokens: int = 1_048_576
     """Tokens held out for validation."""
 
-    num_workers: int = 0
-    """DataLoader worker processes."""
-
-    skip_bad_documents: bool = False
-    """Skip documents without text (a missing or null text column), with a warning that
-    counts them, instead of stopping with an error naming the file and line."""
-
-    @property
-    def max_steps(self) -> int:
-        """Micro-batches in `max_tokens`."""
-        return max_steps(self.max_tokens, self.batch_size, self.max_length)
-
     @property
     def val_blocks(self) -> int:
         return max(1, self.val_tokens // self.max_length)
-
-
-MISSING_TEST_DATA = (
-    "{path} does not exist. It is the default: the cached test split of the Pile. "
-    "Create it with, for example:\n"
-    '  python -c "from datasets import load_dataset; '
-    "load_dataset('monology/pile-uncopyrighted', data_files='test.jsonl.zst', split='train')"
-    ".to_json('data/test.jsonl')\" && zstd data/test.jsonl\n"
-    "or pass --path with a hub dataset id or local .jsonl[.zst]/.parquet/.txt files "
-    "(e.g. quickstart/data --split test)."
-)
-
-
-def require_local_data(path: str) -> None:
-    """Fail early, saying how to create it, when the default test file is missing."""
-    if path == "data/test.jsonl.zst" and not os.path.exists(path):
-        raise FileNotFoundError(MISSING_TEST_DATA.format(path=path))
-
-
-def held_out_stream(config: DataConfig, tokenizer: Any) -> Any:
-    """The held-out stream of `config` from its first block: `max_steps` batches."""
-    from mlsae.model.data import get_test_dataloader
-
-    require_local_data(config.path)
-    return get_test_dataloader(
-        tokenizer,
-        config.max_length,
-        config.batch_size,
-        path=config.path,
-        max_tokens=config.max_tokens,
-        split=config.split,
-        text_column=config.text_column,
-        num_workers=config.num_workers,
-        skip_bad_documents=config.skip_bad_documents,
-    )
 
 
 def default_precision() -> str:
@@ -228,7 +159,7 @@ class RunConfig:
     """Train an MLSAE on the residual stream of every layer of a transformer."""
 
     autoencoder: AutoencoderConfig = dataclass_field(default_factory=AutoencoderConfig)
-    data: DataConfig = dataclass_field(default_factory=DataConfig)
+    data: TrainDataConfig = dataclass_field(default_factory=TrainDataConfig)
     trainer: TrainerConfig = dataclass_field(default_factory=TrainerConfig)
 
     model_name: str = "EleutherAI/pythia-70m-deduped"
@@ -345,25 +276,6 @@ def check_run_config(config: "RunConfig") -> None:
     unknown = [name for name in trainer.moved if name not in MOVABLE_OPTIONS]
     if unknown:
         raise ConfigError(f"--moved takes {', '.join(MOVABLE_OPTIONS)}, not {', '.join(unknown)}")
-
-
-def parse(config_class: type, args: list[str] | None = None, description: str | None = None):
-    """Parse the command line into `config_class`."""
-    return simple_parsing.parse(
-        config_class, args=args, description=description or config_class.__doc__
-    )
-
-
-def initialize(seed: int) -> None:
-    """Seed everything and set the process-wide options every command uses."""
-    from lightning.pytorch import seed_everything
-
-    seed_everything(seed, workers=True, verbose=False)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_float32_matmul_precision("high")
-    # The frozen transformer is in eval mode on purpose.
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
 @dataclass

@@ -2,24 +2,20 @@
 
 import csv
 import math
-import os
 from pathlib import Path
 
 from lightning.pytorch import Trainer
 
-from mlsae.model.data import load_tokenizer
+from mlsae.cli import initialize, parse, require_local_data
+from mlsae.lm.data import held_out_stream, load_tokenizer
 from mlsae.model.lightning import MLSAETransformer
+from mlsae.names import csv_name
 from mlsae.trainer.config import (
     TestConfig,
     check_precision,
     default_precision,
-    held_out_stream,
-    initialize,
-    parse,
-    require_local_data,
 )
 from mlsae.trainer.train import print_summary
-from mlsae.utils import local_model_name
 
 # The original's column order (see tests/data/goldens/test_output.csv); others follow.
 _GROUP_ORDER = (
@@ -44,14 +40,6 @@ def _column_key(name: str) -> tuple[int, str, int]:
         if name.startswith(known):
             return rank, prefix, position
     return len(_GROUP_ORDER), prefix, position
-
-
-def csv_name(repo_id: str) -> str:
-    """`test_<last part of the repo id or folder>.csv`, as the original names it; for a
-    model that train.py saved to `<run>/model`, the run's name."""
-    if os.path.isdir(repo_id):
-        return f"test_{local_model_name(repo_id)}.csv"
-    return f"test_{Path(repo_id.rstrip('/')).name}.csv"
 
 
 def test_one(config: TestConfig, repo_id: str) -> Path:

@@ -10,9 +10,10 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mlsae import names
 from mlsae.files import atomic_output, remove_partials
+from mlsae.lm.data import data_loader, load_tokenizer
 from mlsae.model.checkpoint import read_checkpoint
-from mlsae.model.data import get_train_dataloader, get_val_dataloader, load_tokenizer
 from mlsae.model.lightning import MLSAETransformer
 from mlsae.trainer.callbacks import TokensPerSecondBar
 from mlsae.trainer.config import RunConfig, check_run_config, default_precision, initialize, parse
@@ -30,14 +31,11 @@ logger = logging.getLogger(__name__)
 
 
 def run_name(config: RunConfig) -> str:
-    """A readable default name: model, expansion factor and k."""
+    """`--run`, or a readable default from the model, expansion factor, k and layers."""
     if config.run:
         return config.run
-    model = config.model_name.rstrip("/").split("/")[-1]
-    name = f"mlsae-{model}-x{config.autoencoder.expansion_factor}-k{config.autoencoder.k}"
-    if config.layers is not None:
-        name += "-layers-" + "-".join(map(str, config.layers))
-    return name
+    ae = config.autoencoder
+    return names.run_name(config.model_name, ae.expansion_factor, ae.k, config.layers)
 
 
 def _wandb_logged_in() -> bool:
@@ -189,30 +187,20 @@ def train(config: RunConfig, extra_callbacks: list[Any] | None = None) -> Path:
     model = build_model(config)
     tokenizer = load_tokenizer(model.transformer.tokenizer)
     val_blocks = 0 if data.val_path else data.val_blocks
-    train_loader = get_train_dataloader(
-        data.path,
+    skipped_blocks = resumed.get("micro_batches_seen", 0) * data.batch_size
+    train_loader = data_loader(
+        data,
         tokenizer,
-        data.max_length,
-        data.batch_size,
-        max_tokens=data.max_tokens,
-        val_blocks=val_blocks,
-        skip_batches=resumed.get("micro_batches_seen", 0),
-        split=data.split,
-        text_column=data.text_column,
-        num_workers=data.num_workers,
+        start_block=val_blocks + skipped_blocks,
+        stop_block=val_blocks + data.max_steps * data.batch_size,
         single_pass=True,
-        skip_bad_documents=data.skip_bad_documents,
     )
-    val_loader = get_val_dataloader(
-        data.val_path or data.path,
+    val_loader = data_loader(
+        data,
         tokenizer,
-        data.max_length,
-        data.batch_size,
-        val_blocks=data.val_blocks,
-        split=data.val_split if data.val_path else data.split,
-        text_column=data.text_column,
-        num_workers=data.num_workers,
-        skip_bad_documents=data.skip_bad_documents,
+        stop_block=data.val_blocks,
+        path=data.val_path,
+        split=data.val_split if data.val_path else None,
     )
 
     try:

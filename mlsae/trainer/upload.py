@@ -5,8 +5,8 @@ from pathlib import Path
 from huggingface_hub import get_token
 
 from mlsae.model.lightning import MLSAETransformer
+from mlsae.names import autoencoder_repo_id, get_repo_id
 from mlsae.trainer.config import UploadConfig, parse
-from mlsae.utils import get_repo_id
 
 
 def tfm_repo_id(model: MLSAETransformer) -> str:
@@ -15,11 +15,6 @@ def tfm_repo_id(model: MLSAETransformer) -> str:
     return get_repo_id(
         model.model_name, model.expansion_factor, model.k, model.tuned_lens, True, layers
     )
-
-
-def autoencoder_repo_id(tfm_id: str) -> str:
-    """The plain autoencoder's id: the -tfm id without its -tfm."""
-    return tfm_id.replace("-tfm", "", 1) if "-tfm" in tfm_id else tfm_id + "-sae"
 
 
 def upload(config: UploadConfig) -> tuple[Path, Path]:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mlsae.analysis.geometry import COLUMNS, main, residual_geometry
+from mlsae.lm.transformer import Transformer
 from mlsae.model.data import get_test_dataloader
-from mlsae.model.transformer import Transformer
 from tests.analysis import CORPUS, GOLDEN_MODEL, GOLDEN_TRANSFORMER, TOKENS_PER_BATCH
 
 QUICKSTART = Path(__file__).parents[2] / "quickstart"

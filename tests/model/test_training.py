@@ -9,7 +9,8 @@ import torch
 from lightning.pytorch import Trainer
 from safetensors.torch import load_file
 
-from mlsae.model.data import get_train_dataloader, get_val_dataloader
+from mlsae.lm.data import token_loader
+from mlsae.model.data import get_train_dataloader
 from mlsae.model.lightning import MLSAETransformer
 from tests.goldens import GOLDENS
 
@@ -38,7 +39,7 @@ def loaders(model: MLSAETransformer, steps: int):
     train = get_train_dataloader(
         CORPUS, tokenizer, 32, 4, max_tokens=steps * 4 * 32, val_blocks=VAL_BLOCKS, split="test"
     )
-    val = get_val_dataloader(CORPUS, tokenizer, 32, 4, val_blocks=VAL_BLOCKS, split="test")
+    val = token_loader(CORPUS, tokenizer, 32, 4, stop_block=VAL_BLOCKS, split="test")
     return train, val
 
 

@@ -11,20 +11,19 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from mlsae.model.data import (
+from mlsae.lm.data import (
     BadDocumentError,
     TokenBlocks,
     concat_and_tokenize,
-    get_test_dataloader,
-    get_train_dataloader,
-    get_val_dataloader,
     iter_text_groups,
     load_text_dataset,
     make_dataloader,
     max_steps,
     split_long_document,
+    token_loader,
 )
-from mlsae.model.token_stream import group_tokens
+from mlsae.lm.token_stream import group_tokens
+from mlsae.model.data import get_test_dataloader, get_train_dataloader
 
 GOLDENS = Path(__file__).parent.parent / "data" / "goldens"
 EOS = "<|endoftext|>"
@@ -180,7 +179,7 @@ def test_resume_continues_exactly(tmp_path, tokenizer):
 def test_validation_is_disjoint_from_training(tmp_path, tokenizer):
     path = str(write_jsonl(tmp_path / "docs.jsonl", make_documents(200)))
     full = stream(get_train_dataloader(path, tokenizer, 8, 2))
-    validation = stream(get_val_dataloader(path, tokenizer, 8, 2, val_blocks=9))
+    validation = stream(token_loader(path, tokenizer, 8, 2, stop_block=9))
     training = stream(get_train_dataloader(path, tokenizer, 8, 2, val_blocks=9))
     assert validation == full[:9]
     assert training == full[9:]
@@ -194,7 +193,7 @@ def test_validation_from_another_split(tmp_path, tokenizer):
     write_jsonl(tmp_path / "validation.jsonl.zst", val_documents)
     training = stream(get_train_dataloader(str(tmp_path), tokenizer, 8, 2))
     validation = stream(
-        get_val_dataloader(str(tmp_path), tokenizer, 8, 2, val_blocks=10**6, split="validation")
+        token_loader(str(tmp_path), tokenizer, 8, 2, stop_block=10**6, split="validation")
     )
     assert training == hand_blocks(train_documents, tokenizer, 8, 1024)[0]
     assert validation == hand_blocks(val_documents, tokenizer, 8, 1024)[0]
@@ -257,7 +256,7 @@ def test_hub_ids_are_not_local_paths(monkeypatch):
         calls.append((path, kwargs))
         return "stream"
 
-    monkeypatch.setattr("mlsae.model.documents.datasets.load_dataset", fake_load_dataset)
+    monkeypatch.setattr("mlsae.lm.documents.datasets.load_dataset", fake_load_dataset)
     assert load_text_dataset("monology/pile-uncopyrighted") == "stream"
     assert calls == [
         ("monology/pile-uncopyrighted", {"name": None, "split": "train", "streaming": True})
@@ -305,8 +304,8 @@ def test_errors(tmp_path, tokenizer):
         TokenBlocks(str(tmp_path / "other.jsonl"), no_eos, 8, 2)
     with pytest.raises(ValueError, match="positive"):
         TokenBlocks(str(tmp_path / "other.jsonl"), tokenizer, 0, 2)
-    with pytest.raises(ValueError, match="val_blocks"):
-        get_val_dataloader(str(tmp_path / "other.jsonl"), tokenizer, 8, 2, val_blocks=0)
+    with pytest.raises(ValueError, match="invalid block range"):
+        token_loader(str(tmp_path / "other.jsonl"), tokenizer, 8, 2, start_block=3, stop_block=2)
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -383,7 +382,7 @@ def test_skip_bad_documents_counts_them_and_leaves_them_out(tmp_path, tokenizer,
     expected, dropped = hand_blocks(clean, tokenizer, 8, 1024)
 
     dataset = TokenBlocks(str(path), tokenizer, 8, 2, skip_bad_documents=True)
-    with caplog.at_level("WARNING", logger="mlsae.model.data"):
+    with caplog.at_level("WARNING", logger="mlsae.lm.data"):
         assert stream(make_dataloader(dataset)) == expected
     assert dataset.skipped_documents == 3
     assert dataset.documents_read == len(clean)
@@ -396,9 +395,7 @@ def test_skip_bad_documents_counts_them_and_leaves_them_out(tmp_path, tokenizer,
         get_test_dataloader(tokenizer, 8, 2, path=str(path), skip_bad_documents=True),
     ):
         assert stream(loader) == expected
-    validation = get_val_dataloader(
-        str(path), tokenizer, 8, 2, val_blocks=5, skip_bad_documents=True
-    )
+    validation = token_loader(str(path), tokenizer, 8, 2, stop_block=5, skip_bad_documents=True)
     assert stream(validation) == expected[:5]
     with pytest.raises(BadDocumentError):
         stream(get_train_dataloader(str(path), tokenizer, 8, 2))

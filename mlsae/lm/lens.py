@@ -17,7 +17,7 @@ from huggingface_hub import hf_hub_download
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from mlsae.model.checkpoint import load_as_data
+from mlsae.files import load_as_data
 
 TUNED_LENS_SPACE = "AlignmentResearch/tuned-lens"
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from mlsae.model.transformer import Transformer, find_decoder_blocks, validate_layers
+from mlsae.lm.transformer import Transformer, find_decoder_blocks, validate_layers
 from tests.model.tiny_models import FAMILIES, FINAL_NORMS, N_LAYERS, VOCAB_SIZE, save_tiny_model
 
 GOLDENS = Path(__file__).parents[1] / "data" / "goldens"

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from mlsae.model.lens import TunedLens, load_tuned_lens
+from mlsae.lm.lens import TunedLens, load_tuned_lens
 from mlsae.model.lightning import MLSAETransformer
 from tests.goldens import GOLDENS
 

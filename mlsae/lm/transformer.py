@@ -1,0 +1,473 @@
+"""A frozen Hugging Face causal language model, seen through its residual stream.
+
+`Transformer.forward` returns the output of each selected decoder block (the residual
+stream after the block: not the embeddings, no final norm), captured with forward hooks
+on the blocks, so any causal LM whose blocks sit in one `nn.ModuleList` works (GPT-NeoX,
+GPT-2, Llama, Gemma 2, Qwen 2, ...). `Transformer.forward_at_layer` replaces the output of
+one block and lets the model run the rest, its own final norm and head included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, overload
+
+import torch
+import torch.nn.functional as F
+import transformers
+from jaxtyping import Bool, Float, Int
+from packaging.version import Version
+from torch import Tensor, nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+ReturnType = Literal["logits", "loss", "both"]
+
+# Module names that transformers renamed, as (published checkpoint name, other name). Keys
+# are accepted under either name on load and saved under the published one, so checkpoints
+# stay loadable by the original code. transformers 5 calls GPT-NeoX's head `lm_head`; the
+# published `-tfm` checkpoints hold `transformer.model.embed_out.weight`.
+_RENAMED_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
+    "gpt_neox": (("embed_out.", "lm_head."),),
+}
+
+
+class _StopForward(Exception):
+    """Raised by a hook after the deepest selected block, to skip the rest of the model."""
+
+
+class Transformer(nn.Module):
+    """A frozen causal LM that returns the residual stream after each selected block.
+
+    The HF model is at `self.model` and its tokenizer at `self.tokenizer`. The model is
+    always in eval mode (`train()` leaves it there, so dropout never applies) and its
+    parameters do not require gradients.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        max_length: int = 2048,
+        batch_size: int = 1,
+        skip_special_tokens: bool = True,
+        layers: list[int] | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        load_weights: bool = True,
+        attn_implementation: str | None = None,
+        skip_blocks_before_splice: bool = True,
+    ) -> None:
+        """
+        Args:
+            model_name: A hub id or a local directory of a causal LM and its tokenizer.
+            max_length: The length of a tokenized sequence (kept for the data pipeline).
+            batch_size: The number of sequences in a batch (kept for the data pipeline).
+            skip_special_tokens: Whether `forward` zeroes the vectors at positions whose
+                token is the tokenizer's BOS, EOS or PAD token.
+            layers: The indices of the decoder blocks to read, in the order of the output
+                stack. Any subset, in any order; all blocks if None.
+            device: Where a loaded model goes. A given `model` stays where it is.
+            dtype: The dtype of a loaded model. A given `model` keeps its own.
+            model: An already-built model to use instead of loading `model_name`.
+            tokenizer: An already-built tokenizer to use instead of loading `model_name`.
+            load_weights: If False, build the architecture from the config of
+                `model_name` with random weights (without touching the global RNG), for
+                weights that a checkpoint loads into `self.model` afterwards.
+            attn_implementation: Passed to transformers when it builds the model; None
+                keeps the transformers default (sdpa where supported).
+            skip_blocks_before_splice: In `forward_at_layer`, do not run the blocks before
+                the one whose output is replaced. Turn off for an architecture whose later
+                blocks read state that earlier blocks leave behind.
+        """
+        super().__init__()
+        self.model_name = model_name
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.skip_special_tokens = skip_special_tokens
+        self.skip_blocks_before_splice = skip_blocks_before_splice
+
+        if model is None:
+            model = _build_model(model_name, load_weights, dtype, attn_implementation)
+            model.to(device)
+        self.model: PreTrainedModel = model
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.tokenizer: PreTrainedTokenizerBase = (
+            tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_name)
+        )
+
+        self.config: PretrainedConfig = self.model.config
+        text_config = _text_config(self.config)
+        # A name, not the module: as an attribute the blocks would enter the state dict twice.
+        self.blocks_path = find_decoder_blocks(self.model, text_config.num_hidden_layers)
+        self.n_blocks = len(self.blocks)
+        self.d_model: int = text_config.hidden_size
+        self.layers = validate_layers(layers, self.n_blocks)
+        self.n_layers = len(self.layers)
+        self.special_token_ids: list[int] = _special_token_ids(self.tokenizer)
+
+        # None until a hook has seen a block's output (transformers 4 blocks mostly return
+        # a tuple `(hidden, ...)`, transformers 5 blocks a tensor).
+        self._block_returns_tuple: bool | None = None
+
+        self.register_state_dict_post_hook(_save_published_module_names)
+        self.register_load_state_dict_pre_hook(_accept_renamed_module_names)
+
+    @classmethod
+    def from_config(cls, model_name: str, **kwargs: Any) -> Transformer:
+        """Build the architecture of `model_name` with random weights (see `load_weights`)."""
+        return cls(model_name, load_weights=False, **kwargs)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The model's decoder blocks, all of them (index them by block, not by position)."""
+        return self.model.get_submodule(self.blocks_path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def train(self, mode: bool = True) -> Transformer:
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(
+        self, tokens: Int[Tensor, "batch pos"]
+    ) -> Float[Tensor, "n_layers batch pos d_model"]:
+        """The output of each selected block, stacked in the order of `self.layers`.
+
+        With `skip_special_tokens`, the vectors at special-token positions are zero. The
+        model stops after the deepest selected block.
+        """
+        tokens = tokens.to(self.device)
+        stacked = self.residual_stream(tokens)
+        if self.skip_special_tokens:
+            stacked = stacked.masked_fill(self.special_token_mask(tokens)[None, :, :, None], 0.0)
+        return stacked
+
+    @torch.no_grad()
+    def residual_stream(
+        self, tokens: Int[Tensor, "batch pos"]
+    ) -> Float[Tensor, "n_layers batch pos d_model"]:
+        """Like `forward`, but never zeroes the special-token positions."""
+        outputs = self._block_outputs(tokens.to(self.device), self.layers)
+        return torch.stack([outputs[index] for index in self.layers])
+
+    @torch.no_grad()
+    def hidden_states(
+        self, tokens: Int[Tensor, "batch pos"]
+    ) -> list[Float[Tensor, "batch pos d_model"]]:
+        """The unmasked output of every block of the model (all of them, not only `layers`)."""
+        outputs = self._block_outputs(tokens.to(self.device), list(range(self.n_blocks)))
+        return [outputs[index] for index in range(self.n_blocks)]
+
+    def _block_outputs(
+        self, tokens: Int[Tensor, "batch pos"], blocks: list[int]
+    ) -> dict[int, Float[Tensor, "batch pos d_model"]]:
+        """The output of each block in `blocks`, by block index; the model stops after them."""
+        deepest = max(blocks)
+        captured: dict[int, Tensor] = {}
+
+        def capture(index: int) -> Callable[..., None]:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                captured[index] = self._hidden_of(output)
+                if index == deepest:
+                    raise _StopForward
+
+            return hook
+
+        handles = [self.blocks[index].register_forward_hook(capture(index)) for index in blocks]
+        try:
+            self.model(input_ids=tokens, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if deepest not in captured:
+            raise RuntimeError(
+                f"{type(self.model).__name__} did not run its decoder block {deepest}: "
+                "the blocks found are not the ones its forward pass runs."
+            )
+        return captured
+
+    @torch.no_grad()
+    def special_token_mask(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+        """True where the token is the tokenizer's BOS, EOS or PAD token.
+
+        This does not depend on `skip_special_tokens`: it says which positions `forward`
+        zeroes when that is set.
+        """
+        special_ids = torch.tensor(self.special_token_ids, dtype=tokens.dtype, device=tokens.device)
+        return torch.isin(tokens, special_ids)
+
+    @overload
+    def forward_at_layer(
+        self,
+        inputs: Float[Tensor, "n_layers batch pos d_model"],
+        start_at_layer: int,
+        return_type: Literal["loss"],
+        tokens: Int[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, ""]: ...
+
+    @overload
+    def forward_at_layer(
+        self,
+        inputs: Float[Tensor, "n_layers batch pos d_model"],
+        start_at_layer: int,
+        return_type: Literal["logits"],
+        tokens: Int[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, "batch pos d_vocab"]: ...
+
+    @overload
+    def forward_at_layer(
+        self,
+        inputs: Float[Tensor, "n_layers batch pos d_model"],
+        start_at_layer: int,
+        return_type: Literal["both"] = "both",
+        tokens: Int[Tensor, "batch pos"] | None = None,
+    ) -> tuple[Float[Tensor, ""], Float[Tensor, "batch pos d_vocab"]]: ...
+
+    @torch.no_grad()
+    def forward_at_layer(
+        self,
+        inputs: Float[Tensor, "n_layers batch pos d_model"],
+        start_at_layer: int,
+        return_type: ReturnType = "both",
+        tokens: Int[Tensor, "batch pos"] | None = None,
+    ) -> (
+        Float[Tensor, ""]
+        | Float[Tensor, "batch pos d_vocab"]
+        | tuple[Float[Tensor, ""], Float[Tensor, "batch pos d_vocab"]]
+    ):
+        """Run the model with the output of block `layers[start_at_layer]` replaced.
+
+        `inputs` is a stack like the output of `forward`, and `start_at_layer` a position
+        in it: the residual stream after block `self.layers[start_at_layer]` becomes
+        `inputs[start_at_layer]`, and the model runs the later blocks, its final norm and
+        its head. The loss is the mean next-token cross-entropy over all positions
+        (special ones included), so it needs `tokens`.
+        """
+        if return_type not in ("logits", "loss", "both"):
+            raise ValueError(f"return_type must be 'logits', 'loss' or 'both', not {return_type!r}")
+        if return_type != "logits" and tokens is None:
+            raise ValueError(f"return_type={return_type!r} needs the input tokens for the loss.")
+        if inputs.ndim != 4 or inputs.shape[0] != self.n_layers:
+            raise ValueError(
+                f"inputs must have shape (n_layers={self.n_layers}, batch, pos, d_model), "
+                f"not {tuple(inputs.shape)}."
+            )
+        if not 0 <= start_at_layer < self.n_layers:
+            raise ValueError(
+                f"start_at_layer is a position in the stack of {self.n_layers} layers, "
+                f"so it must be in [0, {self.n_layers}), not {start_at_layer}."
+            )
+        batch, pos = inputs.shape[1:3]
+        if tokens is None:
+            # The replaced block overwrites whatever these tokens would give.
+            tokens = torch.zeros(batch, pos, dtype=torch.long, device=self.device)
+        elif tuple(tokens.shape) != (batch, pos):
+            raise ValueError(
+                f"tokens have shape {tuple(tokens.shape)}, but inputs have (batch, pos) = "
+                f"{(batch, pos)}."
+            )
+        tokens = tokens.to(self.device)
+
+        with self._replace_block_output(self.layers[start_at_layer], inputs[start_at_layer]):
+            logits: Tensor = self.model(input_ids=tokens, use_cache=False).logits
+        if return_type == "logits":
+            return logits
+
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(logits.device)
+        )
+        if return_type == "loss":
+            return loss
+        return loss, logits
+
+    @contextlib.contextmanager
+    def _replace_block_output(self, index: int, replacement: Tensor) -> Iterator[None]:
+        """While active, block `index` outputs `replacement` instead of what it computes."""
+        if self.skip_blocks_before_splice and self._block_returns_tuple is not None:
+            with self._skip_blocks_up_to(index, replacement):
+                yield
+            return
+
+        def replace(module: nn.Module, args: Any, output: Any) -> Any:
+            hidden = self._hidden_of(output)
+            return self._with_hidden(output, replacement.to(hidden.device, hidden.dtype))
+
+        handle = self.blocks[index].register_forward_hook(replace)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextlib.contextmanager
+    def _skip_blocks_up_to(self, index: int, replacement: Tensor) -> Iterator[None]:
+        """Blocks before `index` pass their input through; block `index` returns `replacement`.
+
+        Their `forward` is overridden on the instance (not the class), so the blocks keep
+        their attributes (layer index, attention type) and their hooks still run.
+        """
+        returns_tuple = self._block_returns_tuple
+
+        def pass_through(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (hidden,) if returns_tuple else hidden
+
+        def replace(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            replaced = replacement.to(hidden.device, hidden.dtype)
+            return (replaced,) if returns_tuple else replaced
+
+        overridden = list(self.blocks[: index + 1])
+        previous = [block.__dict__.get("forward") for block in overridden]
+        try:
+            for block in overridden[:-1]:
+                block.forward = pass_through
+            overridden[-1].forward = replace
+            yield
+        finally:
+            for block, forward in zip(overridden, previous, strict=True):
+                if forward is None:
+                    del block.forward
+                else:
+                    block.forward = forward
+
+    def _hidden_of(self, output: Any) -> Tensor:
+        """The hidden states in a block's output, which is a tensor or a tuple."""
+        if isinstance(output, Tensor):
+            self._block_returns_tuple = False
+            return output
+        if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+            self._block_returns_tuple = True
+            return output[0]
+        raise TypeError(
+            f"Expected a decoder block to return a tensor or a tuple that starts with one, "
+            f"not {type(output).__name__}."
+        )
+
+    @staticmethod
+    def _with_hidden(output: Any, hidden: Tensor) -> Any:
+        return hidden if isinstance(output, Tensor) else (hidden, *output[1:])
+
+
+def find_decoder_blocks(model: nn.Module, n_blocks: int) -> str:
+    """The name in `model` of the `nn.ModuleList` of its `n_blocks` decoder blocks.
+
+    It is the shallowest `ModuleList` of `n_blocks` modules of one class (for example
+    `gpt_neox.layers`, `transformer.h` or `model.layers`).
+    """
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) == n_blocks > 0
+        and len({type(block) for block in module}) == 1
+    ]
+    if not candidates:
+        raise ValueError(
+            f"Unsupported architecture {type(model).__name__}: found no nn.ModuleList of its "
+            f"{n_blocks} decoder blocks (config num_hidden_layers)."
+        )
+    depth = min(name.count(".") for name, _ in candidates)
+    shallowest = [(name, module) for name, module in candidates if name.count(".") == depth]
+    if len(shallowest) > 1:
+        names = ", ".join(name for name, _ in shallowest)
+        raise ValueError(
+            f"Unsupported architecture {type(model).__name__}: several lists of {n_blocks} "
+            f"blocks could be its decoder blocks ({names})."
+        )
+    return shallowest[0][0]
+
+
+def validate_layers(layers: list[int] | None, n_blocks: int) -> list[int]:
+    """The selected block indices: all blocks if None, else `layers` after checks."""
+    if layers is None:
+        return list(range(n_blocks))
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers must name at least one block (or be None for all blocks).")
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(f"layers must be block indices (ints), got {layer!r}.")
+        if not 0 <= layer < n_blocks:
+            raise ValueError(f"Layer {layer} is out of range: the model has {n_blocks} blocks.")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers must not repeat a block, got {layers}.")
+    return layers
+
+
+def _build_model(
+    model_name: str, load_weights: bool, dtype: torch.dtype, attn_implementation: str | None
+) -> PreTrainedModel:
+    # transformers renamed `torch_dtype` to `dtype` in 4.56.
+    dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    kwargs: dict[str, Any] = {dtype_key: dtype}
+    if model_name.startswith(("/", "./", "../", "~")) and not os.path.isdir(
+        os.path.expanduser(model_name)
+    ):
+        raise FileNotFoundError(f"model folder {model_name} does not exist")
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        if load_weights:
+            return AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
+        config = AutoConfig.from_pretrained(model_name)
+    except OSError as error:
+        raise OSError(f"cannot load the model {model_name!r}: {error}") from error
+    # Random initialisation would otherwise advance the global RNG, which loading weights
+    # does not: seeded runs must not depend on how the model was built.
+    with torch.random.fork_rng(devices=[]):
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def _text_config(config: PretrainedConfig) -> PretrainedConfig:
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if get_text_config is not None else config
+
+
+def _special_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return sorted({token_id for token_id in ids if token_id is not None})
+
+
+def _renamed_modules(module: Transformer) -> tuple[tuple[str, str], ...]:
+    return _RENAMED_MODULES.get(getattr(module.config, "model_type", ""), ())
+
+
+def _save_published_module_names(
+    module: Transformer, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    model_prefix = prefix + "model."
+    for published, other in _renamed_modules(module):
+        for key in [key for key in state_dict if key.startswith(model_prefix + other)]:
+            new_key = model_prefix + published + key[len(model_prefix + other) :]
+            state_dict[new_key] = state_dict.pop(key)
+
+
+def _accept_renamed_module_names(
+    module: Transformer, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    model_prefix = prefix + "model."
+    own_keys = set(module.model.state_dict().keys())
+    for published, other in _renamed_modules(module):
+        for old, new in ((published, other), (other, published)):
+            for key in [key for key in state_dict if key.startswith(model_prefix + old)]:
+                name = key[len(model_prefix) :]
+                new_name = new + name[len(old) :]
+                if name not in own_keys and new_name in own_keys:
+                    state_dict[model_prefix + new_name] = state_dict.pop(key)
