@@ -178,7 +178,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
             layers=layers,
             load_weights=not from_checkpoint,
         )
-        context = getattr(self.transformer.config, "max_position_embeddings", None)
+        context = self.transformer.context_length
         if context is not None and max_length > context:
             raise ValueError(
                 f"max_length {max_length} is longer than {model_name}'s context ({context})"

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from mlsae.lm.transformer import Transformer, find_decoder_blocks, validate_layers
+from mlsae.lm.architecture import find_decoder_blocks, validate_layers
+from mlsae.lm.transformer import Transformer
 from tests.model.tiny_models import FAMILIES, FINAL_NORMS, N_LAYERS, VOCAB_SIZE, save_tiny_model
 
 GOLDENS = Path(__file__).parents[1] / "data" / "goldens"
@@ -364,3 +365,19 @@ def test_golden_checkpoint_loads_into_a_model_built_from_config() -> None:
     tokens = random_tokens(pos=32)
     assert torch.equal(built(tokens), loaded(tokens))
     assert set(built.state_dict()) == set(state)
+
+
+def test_context_length_from_the_config_else_the_tokenizer():
+    """The position limit of the model's config; without one, the tokenizer's limit."""
+    tiny_transformer = Transformer(str(GOLDEN_MODEL), max_length=32)
+    assert tiny_transformer.context_length == tiny_transformer.config.max_position_embeddings
+    config = tiny_transformer.config
+    saved = config.max_position_embeddings
+    try:
+        config.max_position_embeddings = None
+        tiny_transformer.tokenizer.model_max_length = 77
+        assert tiny_transformer.context_length == 77
+        tiny_transformer.tokenizer.model_max_length = int(1e30)
+        assert tiny_transformer.context_length is None
+    finally:
+        config.max_position_embeddings = saved
