@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -371,13 +372,10 @@ def test_context_length_from_the_config_else_the_tokenizer():
     """The position limit of the model's config; without one, the tokenizer's limit."""
     tiny_transformer = Transformer(str(GOLDEN_MODEL), max_length=32)
     assert tiny_transformer.context_length == tiny_transformer.config.max_position_embeddings
-    config = tiny_transformer.config
-    saved = config.max_position_embeddings
-    try:
-        config.max_position_embeddings = None
-        tiny_transformer.tokenizer.model_max_length = 77
-        assert tiny_transformer.context_length == 77
-        tiny_transformer.tokenizer.model_max_length = int(1e30)
-        assert tiny_transformer.context_length is None
-    finally:
-        config.max_position_embeddings = saved
+    tiny_transformer.config = SimpleNamespace(n_ctx=96)  # GPT-2's name for it
+    assert tiny_transformer.context_length == 96
+    tiny_transformer.config = SimpleNamespace()
+    tiny_transformer.tokenizer.model_max_length = 77
+    assert tiny_transformer.context_length == 77
+    tiny_transformer.tokenizer.model_max_length = int(1e30)
+    assert tiny_transformer.context_length is None
