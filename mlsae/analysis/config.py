@@ -1,15 +1,17 @@
-"""What every analysis command shares: which model, which data, where outputs go."""
+"""What every analysis of a pretrained model shares: its options (which model, which data,
+where outputs go) and loading the model. Names of models and outputs are in `mlsae.names`;
+running an analysis as a command is `mlsae.analysis.run`."""
 
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
+from typing import ClassVar
 
 import torch
 from simple_parsing import field
 
 from mlsae.analysis.source import MLSAESource, load_source
 from mlsae.cli import DataConfig
-from mlsae.lm.data import held_out_stream
-from mlsae.names import cache_path, derived_name, get_repo_id  # noqa: F401 (re-exported)
+from mlsae.names import cache_path, derived_name, get_repo_id  # noqa: F401 (see below)
 from mlsae.utils import get_device
 
 DEFAULT_MODEL_NAME = "EleutherAI/pythia-70m-deduped"
@@ -18,6 +20,10 @@ DEFAULT_MODEL_NAME = "EleutherAI/pythia-70m-deduped"
 @dataclass
 class AnalysisConfig:
     """Options common to the analyses of a pretrained MLSAE."""
+
+    hub_suffix: ClassVar[str | None] = None
+    """The suffix of the hub dataset the analysis publishes (`...-<suffix>`, with
+    --push_to_hub), or None when it publishes none."""
 
     data: DataConfig = dataclass_field(default_factory=DataConfig)
 
@@ -77,5 +83,5 @@ class AnalysisConfig:
         )
 
 
-held_out_batches = training_batches = held_out_stream
-"""The stream of the data options from its first block, `max_steps` batches."""
+# `cache_path` and `derived_name` live in `mlsae.names`; they stay importable from here
+# until the modules that import them from here import them from there.

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 import numpy as np
@@ -34,18 +34,19 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mlsae.analysis.config import AnalysisConfig, cache_path, derived_name, held_out_batches
+from mlsae.analysis.config import AnalysisConfig
 from mlsae.analysis.identity import (
     OutputOrigin,
     check_origin,
     read_safetensors_origin,
-    replacement_note,
     resolve_identity,
-    source_identity,
 )
+from mlsae.analysis.run import AnalysedModel, Saved, run_analysis
 from mlsae.analysis.source import LatentBatch, LatentSource
-from mlsae.cli import DataConfig, initialize, parse, run_command
+from mlsae.cli import DataConfig, run_command
 from mlsae.files import atomic_output
+from mlsae.metrics.layers import layer_distribution, layer_mean, layer_variance
+from mlsae.names import cache_path, derived_name
 
 LAYER_STD_COLUMNS = (
     "model_name",
@@ -68,6 +69,8 @@ _DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".
 class DistsConfig(AnalysisConfig):
     """Compute the distribution of every latent of a pretrained MLSAE over layers."""
 
+    hub_suffix: ClassVar[str | None] = "dists"
+
     data: DataConfig = dataclass_field(
         default_factory=lambda: DataConfig(path="data/test.jsonl.zst", split="test")
     )
@@ -80,7 +83,8 @@ class Dists:
     """Per-latent statistics of the distribution over layers, from `counts` and `totals`.
 
     Tensors are `[layer, latent]`; per-latent statistics are `[latent]`. Latents that
-    never fired have NaN `probs` and layer statistics (0 / 0), as published.
+    never fired have NaN `probs` and layer statistics (0 / 0), as published. The layer
+    statistics are those of `mlsae.metrics.layers` over the pre-ReLU `totals`.
     """
 
     def __init__(
@@ -96,7 +100,6 @@ class Dists:
                 f"{tuple(self.counts.shape)} and {tuple(self.totals.shape)}"
             )
         self.n_layers, self.n_latents = self.counts.shape
-        self.layers = torch.arange(self.n_layers, device=self.counts.device).unsqueeze(1)
 
     @property
     def tensors(self) -> dict[str, Tensor]:
@@ -121,15 +124,16 @@ class Dists:
     @cached_property
     def probs(self) -> Float[Tensor, "layer latent"]:
         """The distribution over layers, from the pre-ReLU totals (as published)."""
-        return self.totals / self.totals.sum(0)
+        return layer_distribution(self.totals)
 
     @cached_property
     def layer_mean(self) -> Float[Tensor, " latent"]:
-        return (self.probs * self.layers).sum(0)
+        return layer_mean(self.totals)
 
     @cached_property
     def layer_var(self) -> Float[Tensor, " latent"]:
-        return (self.probs * self.layers**2).sum(0) - self.layer_mean**2
+        """E[l^2] - E[l]^2, as published (slightly negative for some one-layer latents)."""
+        return layer_variance(self.totals, centred=False)
 
     @cached_property
     def layer_std(self) -> Float[Tensor, " latent"]:
@@ -352,37 +356,28 @@ def write_layer_std_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]
         writer.writerows(rows)
 
 
-def save_dists(config: DistsConfig) -> Dists:
-    """Compute the dists of the configured model and write them to `config.output_dir`
-    (and the hub with `push_to_hub`); returns them."""
-    repo_id = config.resolved_repo_id()
-    source = config.load_source()
+def save_dists(config: DistsConfig) -> Saved[Dists]:
+    """Compute the dists of the configured model and write them to `config.output_dir`."""
+    model = AnalysedModel.load(config)
     dists, rows = collect_dists(
-        source,
-        held_out_batches(config.data, source.tokenizer),
-        total=config.data.max_steps,
+        model.source,
+        model.batches(),
+        total=model.max_steps,
         log_every_n_steps=config.log_every_n_steps,
     )
-    path = cache_path(repo_id, "dists", "safetensors", config.output_dir)
-    origin = OutputOrigin(model=source_identity(source), repo_id=repo_id)
-    note = replacement_note(path, read_safetensors_origin(path), origin)
-    dists.save(path, origin)
-    if note:
-        print(note)
-    print(f"Saved the dists of {repo_id} to {path}")
+    path = model.output_path("dists", "safetensors")
+    notes = model.replacement_notes(path, read_safetensors_origin(path))
+    dists.save(path, model.origin)
+    outputs = [(f"the dists of {model.repo_id}", path)]
     if rows:
         csv_path = Path(config.output_dir) / f"dists_layer_std_step_{path.stem}.csv"
         write_layer_std_csv(rows, csv_path)
-        print(f"Saved the layer std every {config.log_every_n_steps} steps to {csv_path}")
-    if config.push_to_hub:
-        dists.push_to_hub(derived_name(repo_id, "dists"))
-    return dists
+        outputs.append((f"the layer std every {config.log_every_n_steps} steps", csv_path))
+    return Saved(dists, outputs, notes, push=dists.push_to_hub, dataset_id=model.dataset_id())
 
 
 def main(args: list[str] | None = None) -> Dists:
-    config = parse(DistsConfig, args)
-    initialize(config.seed)
-    return save_dists(config)
+    return run_analysis(DistsConfig, save_dists, args)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,10 @@ _DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".
 
 
 class Example(NamedTuple):
-    """One example: the token at which `latent` fired at `layer` and its context window."""
+    """One example: the token at which `latent` fired at `layer` and its context window.
+
+    The one declaration of an example's fields: the explorer's response schema
+    (`mlsae.explorer.schemas.Example`) is built from them."""
 
     latent: int
     layer: int

@@ -3,14 +3,13 @@ so that its Next.js front end works against this server.
 
 Differences, all in values rather than shapes: layer 0 is layer 0 (the original spliced
 at the last layer when asked for layer 0); positions the model does not encode (special
-tokens) show no activations; steering scales the decoder direction as `service.py`
-describes; token strings are decoded one token at a time; a server without examples
-answers `/api/py/examples` with an empty list.
+tokens) show no activations; steering scales the decoder direction as
+`mlsae.analysis.interventions` describes; token strings are decoded one token at a time;
+a server without examples answers `/api/py/examples` with an empty list.
 """
 
 import json
 
-import torch
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -101,8 +100,7 @@ def compat_router() -> APIRouter:
         service.check_latent(body.latent)
         if service.examples is None:
             return []
-        rows = service.latent_examples(body.layer, body.latent)
-        return [Example(**row.model_dump()) for row in rows]
+        return service.latent_examples(body.layer, body.latent)
 
     @router.post("/prompt/tokens")
     def prompt_tokens(body: PromptRequest, request: Request) -> list[Token]:
@@ -122,14 +120,9 @@ def compat_router() -> APIRouter:
 
     @router.post("/prompt/layer-histograms", response_model=LayerHistograms)
     def prompt_layer_histograms(body: PromptRequest, request: Request) -> Response:
-        dense = _service(request).dense_activations(body.prompt)
-        top = float(dense.max())
-        edges = [round(edge, 3) for edge in torch.linspace(0, top, HISTOGRAM_BINS + 1).tolist()]
-        values = [
-            torch.histc(layer, bins=HISTOGRAM_BINS, min=0, max=top).long().tolist()
-            for layer in dense
-        ]
-        return _json({"values": values, "edges": edges})
+        histograms = _service(request).dense_histograms(body.prompt, HISTOGRAM_BINS)
+        edges = [round(edge, 3) for edge in histograms.edges.tolist()]
+        return _json({"values": histograms.counts.tolist(), "edges": edges})
 
     @router.post("/prompt/logits-input")
     def prompt_logits_input(body: PromptRequest, request: Request) -> MaxLogits:

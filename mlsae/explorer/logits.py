@@ -6,9 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from mlsae.analysis.interventions import SplicedLogits
 
 from . import schemas
 
@@ -62,19 +63,15 @@ def largest_changes(change: Float[Tensor, "pos vocab"], n: int, largest: bool) -
     return TopEntries(ids=_compact(ids.to(torch.int32)), values=_compact(values.float()))
 
 
-def compare_logits(
-    own: Float[Tensor, "pos vocab"], after: Float[Tensor, "pos vocab"], n: int
-) -> LogitComparison:
+def compare_logits(logits: SplicedLogits, n: int) -> LogitComparison:
     """The top `n` logits after an intervention, the `n` largest rises and falls, and the
     KL divergence from the model's own distribution."""
-    change = after - own
-    log_own, log_after = F.log_softmax(own, -1), F.log_softmax(after, -1)
-    kl_div = (log_after.exp() * (log_after - log_own)).sum(-1).clamp(min=0.0)
+    change = logits.spliced - logits.own
     return LogitComparison(
-        top=largest_logits(after, n),
+        top=largest_logits(logits.spliced, n),
         increased=largest_changes(change, n, largest=True),
         decreased=largest_changes(change, n, largest=False),
-        kl_div=_compact(kl_div.float()),
+        kl_div=_compact(logits.kl_div.float()),
     )
 
 

@@ -5,9 +5,11 @@ maps them to the transformer's decoder blocks. Bounds that depend on the model (
 latent, prompt length) are checked by the service, which answers 422 like pydantic does.
 """
 
-from typing import Annotated
+from typing import Annotated, Any, NamedTuple, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from mlsae.analysis.examples_db import Example as StoredExample
 
 MAX_TOP_N = 100
 """The most logits or latents a request may ask for per position."""
@@ -24,16 +26,6 @@ Prompt = Annotated[
 Layer = Annotated[int, Field(ge=0, description="A layer of the stack, 0 .. n_layers - 1.")]
 Latent = Annotated[int, Field(ge=0, description="A latent, 0 .. n_latents - 1.")]
 TopN = Annotated[int, Field(ge=1, le=MAX_TOP_N, description="Entries per position.")]
-
-
-def unicode_problem(text: str) -> str | None:
-    """Why `text` is not valid Unicode (a lone UTF-16 surrogate, which JSON can spell as
-    `"\\udcff"`), or None."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        return f"is not valid Unicode: character {error.start} is a lone surrogate"
-    return None
 
 
 class StrictBody(BaseModel):
@@ -208,18 +200,21 @@ class LogitChanges(BaseModel):
     decreased: list[list[Logit]]
     """Per position, the largest falls in logit (`logit` is the change)."""
     kl_div: list[float]
-    """Per position, KL(model's own || intervened) of the next-token distributions."""
+    """Per position, KL(intervened || model's own) of the next-token distributions."""
 
 
-class Example(BaseModel):
-    latent: int
-    layer: int
-    token_id: int
-    token: str
-    act: float
-    token_ids: list[int]
-    tokens: list[str]
-    acts: list[float]
+def fields_of(record: type[NamedTuple]) -> dict[str, Any]:
+    """The fields of a NamedTuple, with their types, as `pydantic.create_model` takes them
+    (each required)."""
+    return {name: (hint, ...) for name, hint in get_type_hints(record).items()}
+
+
+class Example(create_model("ExampleFields", **fields_of(StoredExample))):
+    """A top activating example, with the fields of `mlsae.analysis.examples_db.Example`
+    (declared there, once; this model is built from them, so the two cannot drift apart).
+
+    The explorer fills `token` and `tokens` with the text of each token, decoded one by
+    one, where the database keeps the tokenizer's token names (such as `Ġcat`)."""
 
 
 class LayerExamples(BaseModel):

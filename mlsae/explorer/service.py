@@ -1,40 +1,29 @@
-"""The maths behind the explorer: one pretrained MLSAE, one prompt at a time.
+"""The explorer's service: the analyses of one pretrained MLSAE, cached, one request at a
+time, converted to the API's schemas.
 
-`ExplorerService` tokenises a prompt, runs the transformer and the autoencoder once, and
-keeps the result in an LRU cache bounded by count and by bytes, so the many requests a page
-makes for one prompt run the model once. Each intervention (a layer's reconstruction
-spliced in, a steered residual stream) is one more forward pass, cached by its arguments
-in a second such cache, compactly: the top entries per position, not the dense logits.
-
-Conventions:
-
-- Layers are positions in the MLSAE's stack (0 .. n_layers - 1), never block indices.
-- Activations are the autoencoder's top-k values after ReLU. The positions that the model
-  leaves out (special tokens, unless the checkpoint counts them) show 0.
-- Reconstruction: the residual stream after the layer's block is replaced by the
-  autoencoder's reconstruction (in the transformer's space) at the positions that count,
-  and the model runs the rest. Changes are relative to the model's own logits.
-- Steering: `factor * std * d` is added to the residual stream after the layer's block,
-  where `d` is the latent's unit-norm decoder column and `std` the standard deviation
-  that standardisation removed at that position (1 without standardisation), so
-  `factor` is the change in the latent's contribution in the autoencoder's space
-  (comparable to its activations). With a tuned lens the step is mapped back through
-  the lens's inverse. Special positions are not steered.
-- KL divergences are KL(intervened || model's own), per position, in nats.
+`ExplorerService` asks `mlsae.analysis.prompt` for a prompt's analysis (the transformer
+and the autoencoder run once) and keeps it in an LRU cache bounded by count and by bytes,
+so the many requests a page makes for one prompt run the model once. What a route derives
+from it (metrics; logits and interventions, one more forward pass each) is cached by its
+arguments in a second such cache, compactly: the top entries per position, not the dense
+logits. The conventions (layers, activations, steering, KL divergences) are those of
+`mlsae.analysis.prompt` and `mlsae.analysis.interventions`.
 """
 
+import contextlib
 import logging
 import math
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mlsae.analysis import interventions, prompt
 from mlsae.analysis.examples import Examples
+from mlsae.analysis.prompt import PromptAnalysis, PromptError
 from mlsae.model.lightning import MLSAETransformer
 
 from . import schemas
@@ -47,17 +36,6 @@ from .logits import (
     largest_logits,
     logit_changes,
     logit_rows,
-)
-from .prompt import (
-    PromptAnalysis,
-    activation_histograms,
-    analyse_tokens,
-    context_length,
-    latent_trace,
-    prompt_metrics,
-    reconstructed_stream,
-    steered_stream,
-    training_metrics,
 )
 
 T = TypeVar("T")
@@ -78,6 +56,19 @@ class NotAvailableError(LookupError):
     """The server lacks what the request needs (answered with 404)."""
 
     status_code = 404
+
+
+@contextlib.contextmanager
+def _input_errors() -> Iterator[None]:
+    """What the analysis refuses, as the explorer answers it."""
+    try:
+        yield
+    except PromptError as error:
+        raise ExplorerInputError(str(error)) from error
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 class ExplorerService:
@@ -109,7 +100,7 @@ class ExplorerService:
                 live (GPU memory for a model on a GPU). A forward pass larger than its
                 share is computed for every request instead of kept.
             max_prompt_tokens: The longest prompt, in tokens (default and at most: the
-                transformer's context length).
+                transformer's context length, `mlsae.analysis.prompt.longest_prompt`).
         """
         model.requires_grad_(False)
         model.eval()
@@ -121,8 +112,8 @@ class ExplorerService:
         self.n_layers = model.n_layers
         self.n_latents = model.n_latents
         self.k = model.k
-        context = context_length(model)
-        self.max_prompt_tokens = min(max_prompt_tokens or context, context)
+        longest = prompt.longest_prompt(model)
+        self.max_prompt_tokens = min(max_prompt_tokens or longest, longest)
         results_bytes = cache_bytes // 4
         self.analyses = LRUCache(cache_size, max_bytes=cache_bytes - results_bytes)
         self.results = LRUCache(results_cache_size, max_bytes=results_bytes)
@@ -132,34 +123,17 @@ class ExplorerService:
     # Validation and tokens -----------------------------------------------------------
 
     def check_layer(self, layer: int) -> int:
-        if not 0 <= layer < self.n_layers:
-            raise ExplorerInputError(
-                f"layer must be in [0, {self.n_layers}) (positions in the stack of "
-                f"{self.n_layers} layers), not {layer}"
-            )
-        return layer
+        with _input_errors():
+            return prompt.check_layer(self.model, layer)
 
     def check_latent(self, latent: int) -> int:
-        if not 0 <= latent < self.n_latents:
-            raise ExplorerInputError(f"latent must be in [0, {self.n_latents}), not {latent}")
-        return latent
+        with _input_errors():
+            return prompt.check_latent(self.model, latent)
 
-    def token_ids(self, prompt: str) -> list[int]:
-        """The prompt's token ids, checked against the context length."""
-        if not prompt:
-            raise ExplorerInputError("prompt must not be empty")
-        problem = schemas.unicode_problem(prompt)
-        if problem:
-            raise ExplorerInputError(f"prompt {problem}")
-        ids = self.tokenizer(prompt, verbose=False)["input_ids"]
-        if not ids:
-            raise ExplorerInputError("prompt has no tokens")
-        if len(ids) > self.max_prompt_tokens:
-            raise ExplorerInputError(
-                f"prompt is {len(ids)} tokens long; at most {self.max_prompt_tokens} fit "
-                "the model's context"
-            )
-        return ids
+    def token_ids(self, text: str) -> list[int]:
+        """The prompt's token ids, checked against the longest prompt served."""
+        with self._lock, _input_errors():
+            return prompt.prompt_token_ids(self.model, text, self.max_prompt_tokens)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)
@@ -168,9 +142,8 @@ class ExplorerService:
                 text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
         return text
 
-    def tokens(self, prompt: str) -> list[schemas.Token]:
+    def tokens(self, text: str) -> list[schemas.Token]:
         with self._lock:
-            ids = self.token_ids(prompt)
             special = set(self.transformer.special_token_ids)
             return [
                 schemas.Token(
@@ -179,7 +152,7 @@ class ExplorerService:
                     token=self.token_text(token_id),
                     special=token_id in special,
                 )
-                for pos, token_id in enumerate(ids)
+                for pos, token_id in enumerate(self.token_ids(text))
             ]
 
     def params(self) -> schemas.Params:
@@ -200,16 +173,16 @@ class ExplorerService:
             hparams=dict(model.hparams_initial),
         )
 
-    # The cached forward pass ---------------------------------------------------------
+    # The cached analysis -------------------------------------------------------------
 
-    def analyse(self, prompt: str) -> PromptAnalysis:
-        """The prompt's forward pass, from the cache when it is there."""
-        with self._lock:
-            return self._get_or_compute(self.analyses, prompt, lambda: self._analyse(prompt))
-
-    def _analyse(self, prompt: str) -> PromptAnalysis:
-        token_ids = torch.tensor([self.token_ids(prompt)], device=self.model.device)
-        return analyse_tokens(self.model, token_ids)
+    def analyse(self, text: str) -> PromptAnalysis:
+        """The prompt's analysis, from the cache when it is there."""
+        with self._lock, _input_errors():
+            return self._get_or_compute(
+                self.analyses,
+                text,
+                lambda: prompt.analyse_prompt(self.model, text, self.max_prompt_tokens),
+            )
 
     def _cached(self, key: Hashable, compute: Callable[[], T]) -> T:
         with self._lock:
@@ -229,13 +202,11 @@ class ExplorerService:
 
     # Latents -------------------------------------------------------------------------
 
-    def activations(self, prompt: str, top_k: int | None = None) -> schemas.Activations:
+    def activations(self, text: str, top_k: int | None = None) -> schemas.Activations:
         top_k = self.k if top_k is None else top_k
         if not 1 <= top_k <= self.k:
             raise ExplorerInputError(f"top_k must be in [1, {self.k}] (the model's k)")
-        analysis = self.analyse(prompt)
-        values, order = analysis.values.sort(dim=-1, descending=True)
-        latents = analysis.indices.gather(-1, order)
+        values, latents = prompt.sorted_activations(self.analyse(text))
         top = [
             [
                 [
@@ -251,61 +222,83 @@ class ExplorerService:
                 latents[..., :top_k].tolist(), values[..., :top_k].tolist(), strict=True
             )
         ]
-        return schemas.Activations(tokens=self.tokens(prompt), max=values[..., 0].tolist(), top=top)
+        return schemas.Activations(tokens=self.tokens(text), max=values[..., 0].tolist(), top=top)
 
-    def dense_activations(self, prompt: str) -> Float[Tensor, "layer pos n_latents"]:
-        analysis = self.analyse(prompt)
-        dense = analysis.values.new_zeros((self.n_layers, analysis.n_positions, self.n_latents))
-        return dense.scatter_(-1, analysis.indices, analysis.values)
+    def dense_activations(self, text: str) -> Float[Tensor, "layer pos n_latents"]:
+        return prompt.dense_activations(self.analyse(text), self.n_latents)
 
-    def latent(self, prompt: str, latent: int) -> schemas.LatentTrace:
-        return latent_trace(self.analyse(prompt), self.check_latent(latent))
+    def latent(self, text: str, latent: int) -> schemas.LatentTrace:
+        self.check_latent(latent)
+        acts = prompt.latent_activations(self.analyse(text), latent)
+        return schemas.LatentTrace(
+            latent=latent,
+            acts=acts.tolist(),
+            max=float(acts.max()),
+            layer_mean=_finite_or_none(float(prompt.mean_layer(acts))),
+        )
 
-    def histograms(self, prompt: str, bins: int = 32) -> schemas.Histograms:
-        return activation_histograms(self.analyse(prompt), bins)
+    def histograms(self, text: str, bins: int = 32) -> schemas.Histograms:
+        histograms = prompt.activation_histograms(self.analyse(text), bins)
+        return schemas.Histograms(
+            edges=histograms.edges.tolist(),
+            counts=histograms.counts.tolist(),
+            zeros=histograms.zeros.tolist(),
+        )
+
+    def dense_histograms(self, text: str, bins: int) -> prompt.Histograms:
+        """Histograms of every latent's activation, zeros included (the original's)."""
+        return prompt.dense_histograms(self.analyse(text), self.n_latents, bins)
 
     # Metrics -------------------------------------------------------------------------
 
-    def metrics(self, prompt: str) -> schemas.Metrics:
+    def metrics(self, text: str) -> schemas.Metrics:
         """Per layer: FVU, MSE, L0, and the spliced next-token loss and KL divergence."""
-        dumped = self._cached(
-            ("metrics", prompt),
-            lambda: prompt_metrics(self.model, self.analyse(prompt)).model_dump(),
+        metrics = self._cached(
+            ("metrics", text), lambda: prompt.prompt_metrics(self.model, self.analyse(text))
         )
-        return schemas.Metrics.model_validate(dumped)
-
-    def training_metrics(self, prompt: str) -> dict[str, float | None]:
-        """The model's training metrics (`train/fvu/layer_0`, ...) on the prompt."""
-        return dict(
-            self._cached(
-                ("training-metrics", prompt),
-                lambda: training_metrics(self.model, self.analyse(prompt)),
+        columns = {
+            name: getattr(metrics, name).tolist()
+            for name in ("fvu", "mse", "l0", "loss", "loss_delta", "kl_div")
+        }
+        layers = [
+            schemas.LayerMetrics(
+                layer=layer,
+                block=block,
+                **{name: _finite_or_none(values[layer]) for name, values in columns.items()},
             )
+            for layer, block in enumerate(self.model.layers)
+        ]
+        loss = _finite_or_none(metrics.own_loss)
+        return schemas.Metrics(n_tokens=metrics.n_counted, loss=loss, layers=layers)
+
+    def training_metrics(self, text: str) -> dict[str, float | None]:
+        """The model's training metrics (`train/fvu/layer_0`, ...) on the prompt."""
+        values = self._cached(
+            ("training-metrics", text),
+            lambda: prompt.training_metrics(self.model, self.analyse(text)),
         )
+        return {name: _finite_or_none(value) for name, value in values.items()}
 
     # Logits --------------------------------------------------------------------------
 
-    def top_logits(self, prompt: str, top_n: int = 10) -> schemas.TopLogits:
-        top = self._cached(("logits", prompt, top_n), lambda: self._top_logits(prompt, top_n))
+    def top_logits(self, text: str, top_n: int = 10) -> schemas.TopLogits:
+        def compute() -> TopEntries:
+            return largest_logits(interventions.model_logits(self.model, self.analyse(text)), top_n)
+
+        top = self._cached(("logits", text, top_n), compute)
         return schemas.TopLogits(top=logit_rows(top, self.token_text))
 
-    @torch.no_grad()
-    def _top_logits(self, prompt: str, top_n: int) -> TopEntries:
-        analysis = self.analyse(prompt)
-        logits = self.transformer.model(input_ids=analysis.token_ids, use_cache=False).logits
-        return largest_logits(logits[0].float(), top_n)
-
-    def reconstruction(self, prompt: str, layer: int, top_n: int = 10) -> schemas.LogitChanges:
+    def reconstruction(self, text: str, layer: int, top_n: int = 10) -> schemas.LogitChanges:
         self.check_layer(layer)
         comparison = self._cached(
-            ("recon", prompt, layer, top_n),
-            lambda: self._intervene(self.analyse(prompt), layer, top_n, reconstructed_stream),
+            ("recon", text, layer, top_n),
+            lambda: self._intervene(text, layer, top_n, interventions.reconstructed_stream),
         )
         return logit_changes(comparison, layer, self.model.layers[layer], self.token_text)
 
     def steering(
         self,
-        prompt: str,
+        text: str,
         latent: int,
         layer: int,
         factor: float,
@@ -314,44 +307,35 @@ class ExplorerService:
     ) -> schemas.LogitChanges:
         self.check_layer(layer)
         self.check_latent(latent)
-        if not math.isfinite(factor):
-            raise ExplorerInputError("factor must be a finite number")
-        analysis = self.analyse(prompt)
-        if positions is not None:
-            outside = [pos for pos in positions if not 0 <= pos < analysis.n_positions]
-            if outside:
-                raise ExplorerInputError(
-                    f"positions must be in [0, {analysis.n_positions}), not {outside[:5]}"
-                )
-            positions = sorted(set(positions))
-        chosen = None if positions is None else tuple(positions)
-        key = ("steer", prompt, latent, layer, factor, chosen, top_n)
 
-        def steer(analysis: PromptAnalysis) -> Float[Tensor, "layer 1 pos d_model"]:
-            return steered_stream(self.model, analysis, latent, layer, factor, positions)
+        def steered(analysis: PromptAnalysis) -> Float[Tensor, "layer 1 pos d_model"]:
+            return interventions.steered_stream(self.model, analysis, latent, layer, factor, chosen)
 
-        comparison = self._cached(key, lambda: self._intervene(analysis, layer, top_n, steer))
+        with _input_errors():  # positions outside the prompt, a factor that is not finite
+            chosen = interventions.steering_positions(self.analyse(text), positions)
+            comparison = self._cached(
+                ("steer", text, latent, layer, factor, chosen, top_n),
+                lambda: self._intervene(text, layer, top_n, steered),
+            )
         return logit_changes(comparison, layer, self.model.layers[layer], self.token_text)
 
-    @torch.no_grad()
     def _intervene(
         self,
-        analysis: PromptAnalysis,
+        text: str,
         layer: int,
         top_n: int,
         modify: Callable[[PromptAnalysis], Float[Tensor, "layer 1 pos d_model"]],
     ) -> LogitComparison:
-        """The model's own logits against those with `modify(analysis)[layer]` spliced
-        in, both from one forward pass: splicing the unmodified stream gives the model's
-        own."""
-        stack = torch.cat([analysis.raw, modify(analysis)], dim=1)
-        tokens = analysis.token_ids.expand(2, -1)
-        logits = self.transformer.forward_at_layer(stack, layer, "logits", tokens).float()
-        return compare_logits(logits[0], logits[1], top_n)
+        """The model's own logits against those with `modify(analysis)[layer]` spliced in."""
+        analysis = self.analyse(text)
+        logits = interventions.spliced_logits(self.model, analysis, layer, modify(analysis))
+        return compare_logits(logits, top_n)
 
     # Examples ------------------------------------------------------------------------
 
-    def latent_examples(self, layer: int, latent: int, limit: int | None = None) -> list:
+    def latent_examples(
+        self, layer: int, latent: int, limit: int | None = None
+    ) -> list[schemas.Example]:
         """The latent's top examples at a layer, tokens decoded one by one."""
         self.check_layer(layer)
         self.check_latent(latent)
@@ -360,19 +344,14 @@ class ExplorerService:
                 "this server has no examples database: start it with --examples, or run "
                 "`python -m mlsae.analysis.examples --repo_id ...` first"
             )
-        rows = self.examples.get(layer, latent)
         return [
             schemas.Example(
-                latent=row.latent,
-                layer=row.layer,
-                token_id=row.token_id,
-                token=self.token_text(row.token_id),
-                act=row.act,
-                token_ids=row.token_ids,
-                tokens=[self.token_text(token_id) for token_id in row.token_ids],
-                acts=row.acts,
+                **row._replace(
+                    token=self.token_text(row.token_id),
+                    tokens=[self.token_text(token_id) for token_id in row.token_ids],
+                )._asdict()
             )
-            for row in rows[:limit]
+            for row in self.examples.get(layer, latent)[:limit]
         ]
 
     def examples_by_layer(

@@ -3,22 +3,17 @@
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from torchmetrics import Metric
 
-from mlsae.model.losses import layerwise_mse_and_var
+from mlsae.metrics.layerwise import LayerwiseRatio
+from mlsae.metrics.reconstruction import layerwise_mse_and_var
 
 
-class LayerwiseFVU(Metric):
+class LayerwiseFVU(LayerwiseRatio):
     """Per layer: the sum over batches of the reconstruction MSE divided by the sum
     over batches of the inputs' unbiased variance (one batch: MSE / var)."""
 
-    is_differentiable = True
-    full_state_update = False
-
     def __init__(self, n_layers: int) -> None:
-        super().__init__()
-        self.add_state("layer_mse", torch.zeros(n_layers), dist_reduce_fx="sum")
-        self.add_state("layer_var", torch.zeros(n_layers), dist_reduce_fx="sum")
+        super().__init__(n_layers, weight_per_layer=True)
 
     @torch.no_grad()
     def update(
@@ -29,8 +24,4 @@ class LayerwiseFVU(Metric):
         **_: object,
     ) -> None:
         mse, var = layerwise_mse_and_var(inputs, recons, mask)
-        self.layer_mse += mse.float()
-        self.layer_var += var.float()
-
-    def compute(self) -> Float[Tensor, " layer"]:
-        return self.layer_mse / self.layer_var
+        self._add(mse, var)

@@ -3,21 +3,13 @@
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from torchmetrics import Metric
 
+from mlsae.metrics.layerwise import LayerwiseRatio
 from mlsae.metrics.masking import count_positions, position_weights
 
 
-class LayerwiseL1Norm(Metric):
+class LayerwiseL1Norm(LayerwiseRatio):
     """Per layer: the mean over tokens of the sum of the absolute top-k values."""
-
-    is_differentiable = False
-    full_state_update = False
-
-    def __init__(self, n_layers: int) -> None:
-        super().__init__()
-        self.add_state("layer_abs", torch.zeros(n_layers), dist_reduce_fx="sum")
-        self.add_state("tokens", torch.tensor(0.0), dist_reduce_fx="sum")
 
     @torch.no_grad()
     def update(
@@ -27,8 +19,4 @@ class LayerwiseL1Norm(Metric):
         **_: object,
     ) -> None:
         absolute = values.abs().float() * position_weights(mask, values)
-        self.layer_abs += absolute.sum(dim=(1, 2, 3))
-        self.tokens += count_positions(mask, values).float()
-
-    def compute(self) -> Float[Tensor, " layer"]:
-        return self.layer_abs / self.tokens
+        self._add(absolute.sum(dim=(1, 2, 3)), count_positions(mask, values))

@@ -4,14 +4,15 @@ The functions compare the logits of one forward pass with the true residual
 stream spliced in (`logits_true`) against one with the reconstruction spliced in
 (`logits_pred`). `mask` (`[batch, pos]`, True = counts) restricts them to the
 positions that count; without it every position counts, as in the original.
-The metric classes average the per-batch values of each layer over batches.
+The metric classes average the per-batch values of each layer over batches
+(`LayerwiseRatio` with one weight per batch).
 """
 
-import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from torchmetrics import Metric
+
+from mlsae.metrics.layerwise import LayerwiseRatio
 
 
 def next_token_loss(
@@ -57,26 +58,7 @@ def logit_kldiv(
     return (per_position * mask.float()).sum() / logits_true.shape[0]
 
 
-class LayerwiseBatchMean(Metric):
-    """The mean over batches of a per-layer, per-batch value."""
-
-    is_differentiable = False
-    full_state_update = False
-
-    def __init__(self, n_layers: int) -> None:
-        super().__init__()
-        self.add_state("layer_sum", torch.zeros(n_layers), dist_reduce_fx="sum")
-        self.add_state("batches", torch.tensor(0.0), dist_reduce_fx="sum")
-
-    def _add(self, values: Float[Tensor, " layer"]) -> None:
-        self.layer_sum += values.detach().float()
-        self.batches += 1
-
-    def compute(self) -> Float[Tensor, " layer"]:
-        return self.layer_sum / self.batches
-
-
-class LayerwiseLossDelta(LayerwiseBatchMean):
+class LayerwiseLossDelta(LayerwiseRatio):
     """CE loss with the reconstruction spliced in minus CE loss with the true stream."""
 
     def update(
@@ -85,14 +67,14 @@ class LayerwiseLossDelta(LayerwiseBatchMean):
         self._add(loss_pred - loss_true)
 
 
-class LayerwiseLogitMSE(LayerwiseBatchMean):
+class LayerwiseLogitMSE(LayerwiseRatio):
     """Mean squared difference of the logits (see `logit_mse`)."""
 
     def update(self, logit_mse: Float[Tensor, " layer"], **_: object) -> None:
         self._add(logit_mse)
 
 
-class LayerwiseLogitKLDiv(LayerwiseBatchMean):
+class LayerwiseLogitKLDiv(LayerwiseRatio):
     """KL divergence of the next-token distributions (see `logit_kldiv`)."""
 
     def update(self, logit_kldiv: Float[Tensor, " layer"], **_: object) -> None:

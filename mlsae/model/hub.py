@@ -196,7 +196,11 @@ class StrictHubMixin(PyTorchModelHubMixin):
                 f"{source} lacks config keys, which take their defaults: {', '.join(defaulted)}",
                 stacklevel=3,
             )
-        hints = typing.get_type_hints(cls.__init__)
+        hints = {
+            name: parameter.annotation
+            for name, parameter in parameters.items()
+            if parameter.annotation is not inspect.Parameter.empty
+        }
         wrong = [
             f"{name}={value!r} (expected {_describe(hints[name])})"
             for name, value in config.items()

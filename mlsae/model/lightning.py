@@ -1,46 +1,39 @@
 """`MLSAETransformer`: the LightningModule that wires a frozen transformer to an MLSAE.
 
-It owns no maths: the residual stream comes from `Transformer`, encoding and
-decoding from `MLSAE`, losses from `mlsae.model.losses`, metrics from
-`mlsae.metrics`. Its saved layout is the published `-tfm` one.
+The residual stream comes from `mlsae.lm`, encoding and decoding from `MLSAE`, the loss
+from `mlsae.model.losses`, the optimizer and its schedule from `mlsae.model.optimization`,
+metrics from `mlsae.metrics`. Its hyperparameters are `MLSAEHyperparameters`; its saved
+layout is the published `-tfm` one.
 """
 
 import contextvars
 import logging
 import math
-from typing import Any, NamedTuple
+from dataclasses import asdict
+from typing import Any
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from lightning.pytorch import LightningModule
 from torch import Tensor
-from torchmetrics import MetricCollection
 
 from mlsae.lm.lens import TunedLens, load_tuned_lens
+from mlsae.lm.splice import spliced_metrics
+from mlsae.lm.stream import ResidualStream, read_residual_stream
 from mlsae.lm.transformer import Transformer
-from mlsae.metrics import (
-    DeadLatents,
-    LayerwiseFVU,
-    LayerwiseL0Norm,
-    LayerwiseL1Norm,
-    LayerwiseLogitKLDiv,
-    LayerwiseLogitMSE,
-    LayerwiseLossDelta,
-    LayerwiseMSE,
-    LayerwiseWrapper,
-)
-from mlsae.metrics.spliced import logit_kldiv, logit_mse, next_token_loss
-from mlsae.model.autoencoder import (
-    MLSAE,
-    AutoencoderOutput,
-    maintain_decoder,
-)
+from mlsae.model.autoencoder import MLSAE, AutoencoderOutput
 from mlsae.model.checkpoint import read_checkpoint
 from mlsae.model.geom_median import geometric_median
+from mlsae.model.hparams import MLSAEHyperparameters
 from mlsae.model.hub import CheckpointError, StrictHubMixin, load_state_dict_strictly, read_config
-from mlsae.model.losses import auxk_loss, layerwise_fvu
+from mlsae.model.losses import mlsae_loss
+from mlsae.model.maintenance import maintain_decoder
+from mlsae.model.metric_sets import reconstruction_metrics
+from mlsae.model.metric_sets import spliced_metrics as spliced_metric_set
 from mlsae.model.non_finite import NonFiniteTracker
-from mlsae.sparse import make_adam
+from mlsae.model.optimization import configure_adam
+
+__all__ = ["MLSAETransformer", "ResidualStream"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,163 +41,77 @@ logger = logging.getLogger(__name__)
 _WEIGHTS_FROM_CHECKPOINT = contextvars.ContextVar("weights_from_checkpoint", default=False)
 
 
-class ResidualStream(NamedTuple):
-    """One batch of the transformer's residual stream, as the autoencoder sees it."""
-
-    raw: Float[Tensor, "layer batch pos d_model"]
-    """The block outputs, unmasked, in the transformer's space."""
-
-    inputs: Float[Tensor, "layer batch pos d_model"]
-    """What the autoencoder encodes: special positions zeroed (with
-    `skip_special_tokens`), translated by the tuned lens (with `tuned_lens`)."""
-
-    mask: Bool[Tensor, "batch pos"] | None
-    """The positions that count in losses and metrics (None: all of them)."""
-
-    special: Bool[Tensor, "batch pos"] | None
-    """The zeroed special-token positions (None without `skip_special_tokens`)."""
-
-    def zeroed(self) -> Float[Tensor, "layer batch pos d_model"]:
-        """The block outputs with the special-token positions zeroed, if any."""
-        if self.special is None:
-            return self.raw
-        return self.raw.masked_fill(self.special[None, :, :, None], 0.0)
-
-
 class MLSAETransformer(StrictHubMixin, LightningModule):
-    """A Multi-Layer SAE trained on the residual stream of a frozen causal LM."""
+    """A Multi-Layer SAE trained on the residual stream of a frozen causal LM.
+
+    Constructed from the fields of `MLSAEHyperparameters` (by name, or positionally in the
+    original's order); each is also an attribute, except that `layers` is the list of
+    blocks. `.transformer` is the frozen LM, `.autoencoder` the `MLSAE`, `.lens` the tuned
+    lens of `-lens` models.
+    """
 
     _optional_keys = (r"autoencoder\.tokens_since_fired",)
-    _new_config_keys = (
-        "count_special_tokens",
-        "adam_eps",
-        "lr_warmup_steps",
-        "lr_decay_steps",
-        "tuned_lens_path",
-        "skip_non_finite",
-    )
+    _new_config_keys = MLSAEHyperparameters.new_names()
     _ignored_keys = (
         r"autoencoder\.last_nonzero",
         r"(loss|logits)_(true|pred)",
         r"lens\.unembed\..*",
     )
 
-    def __init__(
-        self,
-        model_name: str = "EleutherAI/pythia-70m-deduped",
-        layers: list[int] | None = None,
-        expansion_factor: int = 64,
-        k: int = 32,
-        auxk: int | None = 256,
-        auxk_coef: float | None = 1 / 32,
-        dead_tokens_threshold: int = 10_000_000,
-        dead_threshold: float = 1e-3,
-        lr: float = 1e-4,
-        standardize: bool = True,
-        skip_special_tokens: bool = True,
-        max_length: int = 2048,
-        batch_size: int = 1,
-        accumulate_grad_batches: int = 64,
-        tuned_lens: bool = False,
-        dead_steps_threshold: int | None = None,
-        count_special_tokens: bool = False,
-        adam_eps: float = 6.25e-10,
-        lr_warmup_steps: int = 0,
-        lr_decay_steps: int = 0,
-        tuned_lens_path: str | None = None,
-        skip_non_finite: bool = False,
-    ) -> None:
-        """
-        Args:
-            model_name: A hub id or local folder of a causal LM (and its tokenizer).
-            layers: The decoder blocks whose outputs are encoded (None: all).
-            expansion_factor: The number of latents over the model's width.
-            k: The number of latents kept per vector.
-            auxk: How many dead latents model the residual error (None: no AuxK).
-            auxk_coef: The weight of the AuxK loss (None: 0).
-            dead_tokens_threshold: Training tokens without firing after which a
-                latent is dead.
-            dead_threshold: The activation above which a latent counts as fired.
-            lr: Adam's learning rate.
-            standardize: Whether to standardise every residual vector.
-            skip_special_tokens: Whether BOS/EOS/PAD positions are zeroed.
-            max_length: Tokens per sequence.
-            batch_size: Sequences per micro-batch.
-            accumulate_grad_batches: Micro-batches per optimizer step.
-            tuned_lens: Whether to translate the residual stream with the model's
-                tuned lens before encoding (the paper's `-lens` models).
-            dead_steps_threshold: Kept for published configs; no effect.
-            count_special_tokens: Whether the zeroed special-token positions count
-                in losses, metrics and the dead-latent state, as in the original.
-            adam_eps: Adam's epsilon.
-            lr_warmup_steps: Optimizer steps of linear warm-up from 0 to `lr`.
-            lr_decay_steps: Final optimizer steps of linear decay to 0.
-            tuned_lens_path: A local folder with the tuned lens (default: the
-                tuned-lens release on the hub).
-            skip_non_finite: Skip optimizer steps whose residual stream or loss is not
-                finite (and warn), instead of stopping the run with an error.
-        """
-        super().__init__()
-        self.save_hyperparameters()
-        self.model_name = model_name
-        self.expansion_factor = expansion_factor
-        self.k = k
-        self.auxk = auxk
-        self.auxk_coef = auxk_coef
-        self.dead_tokens_threshold = dead_tokens_threshold
-        self.dead_threshold = dead_threshold
-        self.lr = lr
-        self.standardize = standardize
-        self.skip_special_tokens = skip_special_tokens
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.accumulate_grad_batches = accumulate_grad_batches
-        self.tuned_lens = tuned_lens
-        self.count_special_tokens = count_special_tokens
-        self.adam_eps = adam_eps
-        self.lr_warmup_steps = lr_warmup_steps
-        self.lr_decay_steps = lr_decay_steps
-        self.skip_non_finite = skip_non_finite
-        self.dead_steps_threshold = dead_steps_threshold or max(
-            1, dead_tokens_threshold // (batch_size * max_length * accumulate_grad_batches)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Not super(): Lightning's save_hyperparameters reads the arguments from the
+        # frame of an __init__ that refers to its class, and these are in `kwargs`.
+        LightningModule.__init__(self)
+        hparams = MLSAEHyperparameters.bind(*args, **kwargs)
+        self.save_hyperparameters(asdict(hparams))
+        self._hub_mixin_config = hparams.to_config()
+        self.hyperparameters = hparams
+        for name, value in asdict(hparams).items():
+            setattr(self, name, value)
+        self.dead_steps_threshold = hparams.dead_steps_threshold or max(
+            1,
+            hparams.dead_tokens_threshold
+            // (hparams.batch_size * hparams.max_length * hparams.accumulate_grad_batches),
         )
 
         from_checkpoint = _WEIGHTS_FROM_CHECKPOINT.get()
         self.transformer = Transformer(
-            model_name,
-            max_length=max_length,
-            batch_size=batch_size,
-            skip_special_tokens=skip_special_tokens,
-            layers=layers,
+            hparams.model_name,
+            max_length=hparams.max_length,
+            batch_size=hparams.batch_size,
+            skip_special_tokens=hparams.skip_special_tokens,
+            layers=hparams.layers,
             load_weights=not from_checkpoint,
         )
         context = self.transformer.context_length
-        if context is not None and max_length > context:
+        if context is not None and hparams.max_length > context:
             raise ValueError(
-                f"max_length {max_length} is longer than {model_name}'s context ({context})"
+                f"max_length {hparams.max_length} is longer than {hparams.model_name}'s "
+                f"context ({context})"
             )
         self.layers = self.transformer.layers
         self.n_layers = self.transformer.n_layers
         self.n_inputs = self.transformer.d_model
-        self.n_latents = self.n_inputs * expansion_factor
-
+        self.n_latents = self.n_inputs * hparams.expansion_factor
         self.autoencoder = MLSAE(
             self.n_inputs,
             self.n_latents,
-            k,
+            hparams.k,
             self.dead_steps_threshold,
-            dead_threshold,
-            auxk,
-            standardize,
-            dead_tokens_threshold=dead_tokens_threshold,
+            hparams.dead_threshold,
+            hparams.auxk,
+            hparams.standardize,
+            dead_tokens_threshold=hparams.dead_tokens_threshold,
         )
         self.lens: TunedLens | None = None
-        if tuned_lens:
+        if hparams.tuned_lens:
             n_blocks = self.transformer.n_blocks
             self.lens = (
                 TunedLens(self.n_inputs, n_blocks)
                 if from_checkpoint
-                else load_tuned_lens(model_name, self.n_inputs, n_blocks, tuned_lens_path)
+                else load_tuned_lens(
+                    hparams.model_name, self.n_inputs, n_blocks, hparams.tuned_lens_path
+                )
             )
 
         # A pretrained model's bias is already trained: never re-initialise it.
@@ -214,29 +121,12 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         self.non_finite = NonFiniteTracker(self.layers)
         self._step_fired: Tensor | None = None
         self._step_tokens: Tensor | None = None
-
-        def layerwise(metric: Any, prefix: str) -> LayerwiseWrapper:
-            return LayerwiseWrapper(metric, layers=self.layers, prefix=prefix)
-
-        n = self.n_layers
-        self.train_metrics = MetricCollection(
-            {
-                "dead/rel": DeadLatents(self.n_latents, dead_tokens_threshold),
-                "fvu": layerwise(LayerwiseFVU(n), "fvu/"),
-                "l0": layerwise(LayerwiseL0Norm(n, dead_threshold), "l0/"),
-                "l1": layerwise(LayerwiseL1Norm(n), "l1/"),
-                "mse": layerwise(LayerwiseMSE(n), "mse/"),
-            },
-            prefix="train/",
+        self.train_metrics = reconstruction_metrics(
+            self.layers, self.n_latents, hparams.dead_tokens_threshold, hparams.dead_threshold
         )
-        self.val_metrics = MetricCollection(
-            {
-                "logit/kldiv": layerwise(LayerwiseLogitKLDiv(n), "logit/kldiv/"),
-                "logit/mse": layerwise(LayerwiseLogitMSE(n), "logit/mse/"),
-                "loss/delta": layerwise(LayerwiseLossDelta(n), "loss/delta/"),
-            },
-            prefix="val/",
-        )
+        self.val_metrics = spliced_metric_set(self.layers)
+
+    __init__.__signature__ = MLSAEHyperparameters.signature()  # type: ignore[attr-defined]
 
     # Loading --------------------------------------------------------------------
 
@@ -295,18 +185,13 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
 
     def residual_stream(self, tokens: Int[Tensor, "batch pos"]) -> ResidualStream:
         """The block outputs for `tokens`, as the autoencoder sees them."""
-        tokens = tokens.to(self.device)
-        raw = self.transformer.residual_stream(tokens)
-        special = mask = None
-        if self.skip_special_tokens:
-            special = self.transformer.special_token_mask(tokens)
-            if not self.count_special_tokens:
-                mask = ~special
-        stream = ResidualStream(raw, raw, mask, special)
-        inputs = stream.zeroed()
-        if self.lens is not None:
-            inputs = self.lens(inputs, self.layers)
-        return stream._replace(inputs=inputs)
+        return read_residual_stream(
+            self.transformer,
+            tokens.to(self.device),
+            skip_special_tokens=self.skip_special_tokens,
+            count_special_tokens=self.count_special_tokens,
+            lens=self.lens,
+        )
 
     def to_transformer_space(
         self, recons: Float[Tensor, "layer batch pos d_model"]
@@ -322,11 +207,6 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
 
     # Training ---------------------------------------------------------------------
 
-    def _count_tokens(self, stream: ResidualStream) -> Tensor:
-        if stream.mask is None:
-            return torch.tensor(stream.inputs.shape[1] * stream.inputs.shape[2], device=self.device)
-        return stream.mask.sum()
-
     def _initialize_bias(self, stream: ResidualStream) -> None:
         """Set the pre-encoder bias to the geometric median of the encoder's inputs in
         the space where it is subtracted, once per run, the same on every rank."""
@@ -341,24 +221,16 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         self._count_batch(batch["input_ids"])
         stream = self.residual_stream(batch["input_ids"])
-        inputs, _ = self.non_finite.sanitize(stream.inputs)
-        stream = stream._replace(inputs=inputs)
+        stream = stream._replace(inputs=self.non_finite.sanitize(stream.inputs)[0])
         if not self.bias_initialized:
             self._initialize_bias(stream)
         result = self.autoencoder.forward_standardized(stream.inputs)
         output = result.output
-
-        fvu = layerwise_fvu(stream.inputs, output.recons, stream.mask).mean()
-        loss = fvu
-        aux = torch.zeros((), device=self.device)
-        if self.auxk is not None and output.auxk.values.shape[-1] > 0:
-            aux = auxk_loss(result.inputs - result.recons, output.auxk_recons, stream.mask)
-            loss = loss + (self.auxk_coef or 0.0) * aux
-
-        self.non_finite.observe_loss(loss)
+        loss = mlsae_loss(stream.inputs, result, stream.mask, self.auxk_coef)
+        self.non_finite.observe_loss(loss.total)
 
         fired = self.autoencoder.fired_counts(output.topk, stream.mask)
-        tokens = self._count_tokens(stream)
+        tokens = stream.n_counted()
         self._step_fired = fired if self._step_fired is None else self._step_fired + fired
         self._step_tokens = tokens if self._step_tokens is None else self._step_tokens + tokens
 
@@ -369,17 +241,10 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
             indices=output.topk.indices,
             mask=stream.mask,
         )
-        self.log_dict(
-            {
-                **metrics,
-                "loss/total": loss,
-                "loss/mse": fvu,
-                "loss/auxk": aux,
-                "train/dead/abs": output.dead,
-            },
-            batch_size=stream.inputs.shape[1],
-        )
-        return loss
+        logged = {"loss/total": loss.total, "loss/mse": loss.fvu, "loss/auxk": loss.auxk}
+        logged["train/dead/abs"] = output.dead
+        self.log_dict({**metrics, **logged}, batch_size=stream.inputs.shape[1])
+        return loss.total
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         maintain_decoder(self.autoencoder.decoder)
@@ -412,70 +277,33 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         self.micro_batches_seen += world_size
 
     def configure_optimizers(self) -> Any:
-        optimizer = make_adam(self.autoencoder.parameters(), lr=self.lr, eps=self.adam_eps)
-        if not self.lr_warmup_steps and not self.lr_decay_steps:
-            return optimizer
         total_steps = self.trainer.estimated_stepping_batches if self._trainer else math.inf
-        warmup, decay = self.lr_warmup_steps, self.lr_decay_steps
-
-        def factor(step: int) -> float:
-            scale = 1.0
-            if warmup and step < warmup:
-                scale = (step + 1) / warmup
-            if decay and math.isfinite(total_steps) and step >= total_steps - decay:
-                scale = min(scale, max(0.0, (total_steps - step) / decay))
-            return scale
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return configure_adam(
+            self.autoencoder.parameters(),
+            self.lr,
+            self.adam_eps,
+            self.lr_warmup_steps,
+            self.lr_decay_steps,
+            total_steps,
+        )
 
     # Evaluation -------------------------------------------------------------------
 
-    @torch.no_grad()
     def spliced_metrics(
         self,
         tokens: Int[Tensor, "batch pos"],
         stream: ResidualStream,
         recons: Float[Tensor, "layer batch pos d_model"],
     ) -> dict[str, Float[Tensor, " layer"]]:
-        """Per layer: CE loss with the true stream and with the reconstruction spliced in
-        after that layer's block, logit MSE and KL divergence; one layer at a time.
+        """`mlsae.lm.splice.spliced_metrics` for this model's transformer."""
+        return spliced_metrics(self.transformer, tokens, stream, recons)
 
-        With special tokens counted (the original's numbers), the "true" stream is the
-        zeroed one the autoencoder saw; otherwise it is the model's own, and the
-        reconstruction replaces it only at the positions that count.
-        """
-        tokens = tokens.to(self.device)
-        mask = stream.mask
-        true_stack, pred_stack, clean_logits = stream.zeroed(), recons, None
-        if mask is not None:
-            pred_stack = torch.where(mask[None, :, :, None], recons, stream.raw)
-        if mask is not None or stream.special is None:
-            # Splicing the unmodified stream gives the model's own logits at every layer.
-            clean_logits = self.transformer.model(input_ids=tokens, use_cache=False).logits
-        values: dict[str, list[Tensor]] = {k: [] for k in ("loss_true", "loss_pred", "mse", "kl")}
-        for position in range(self.n_layers):
-            if clean_logits is None:
-                logits_true = self.transformer.forward_at_layer(true_stack, position, "logits")
-            else:
-                logits_true = clean_logits
-            logits_pred = self.transformer.forward_at_layer(pred_stack, position, "logits")
-            values["loss_true"].append(next_token_loss(logits_true, tokens, mask))
-            values["loss_pred"].append(next_token_loss(logits_pred, tokens, mask))
-            values["mse"].append(logit_mse(logits_true, logits_pred, mask))
-            values["kl"].append(logit_kldiv(logits_true, logits_pred, mask))
-        return {key: torch.stack(value) for key, value in values.items()}
-
-    def _evaluate(self, batch: dict[str, Tensor], with_train_metrics: bool) -> dict[str, Tensor]:
+    def _evaluate(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         tokens = batch["input_ids"]
         stream = self.residual_stream(tokens)
         result = self.autoencoder.forward_standardized(stream.inputs)
         output = result.output
-        recons = self.to_transformer_space(output.recons)
-        spliced = self.spliced_metrics(tokens, stream, recons)
+        spliced = self.spliced_metrics(tokens, stream, self.to_transformer_space(output.recons))
         logged = dict(
             self.val_metrics(
                 loss_true=spliced["loss_true"],
@@ -484,39 +312,27 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
                 logit_kldiv=spliced["kl"],
             )
         )
-        if with_train_metrics:
-            # The reconstruction error is measured in the autoencoder's space.
-            logged.update(
-                self.train_metrics(
-                    inputs=stream.inputs,
-                    recons=output.recons,
-                    values=output.topk.values,
-                    indices=output.topk.indices,
-                    mask=stream.mask,
-                )
+        # The reconstruction error is measured in the autoencoder's space.
+        logged.update(
+            self.train_metrics(
+                inputs=stream.inputs,
+                recons=output.recons,
+                values=output.topk.values,
+                indices=output.topk.indices,
+                mask=stream.mask,
             )
-            fvu = layerwise_fvu(stream.inputs, output.recons, stream.mask).mean()
-            aux = torch.zeros((), device=self.device)
-            if self.auxk is not None and output.auxk.values.shape[-1] > 0:
-                aux = auxk_loss(result.inputs - result.recons, output.auxk_recons, stream.mask)
-            logged.update(
-                {
-                    "loss/total": fvu + (self.auxk_coef or 0.0) * aux,
-                    "loss/mse": fvu,
-                    "loss/auxk": aux,
-                }
-            )
+        )
+        loss = mlsae_loss(stream.inputs, result, stream.mask, self.auxk_coef)
+        logged.update({"loss/total": loss.total, "loss/mse": loss.fvu, "loss/auxk": loss.auxk})
         return logged
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         # Held-out values of the training metrics go under val/ too (val/fvu/avg, ...).
-        logged = {
-            _validation_name(name): value for name, value in self._evaluate(batch, True).items()
-        }
+        logged = {_validation_name(name): value for name, value in self._evaluate(batch).items()}
         self.log_dict(logged, batch_size=batch["input_ids"].shape[0])
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.log_dict(self._evaluate(batch, True), batch_size=batch["input_ids"].shape[0])
+        self.log_dict(self._evaluate(batch), batch_size=batch["input_ids"].shape[0])
 
     # Checkpoints --------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ original, so `python train.py --help` lists every one with its default.
 """
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 from itertools import product
 
@@ -13,58 +13,11 @@ import torch
 from simple_parsing import field
 
 from mlsae.cli import DataConfig, initialize, parse, require_local_data  # noqa: F401 (re-exported)
+from mlsae.model.hparams import MLSAEConfig, MLSAEHyperparameters
 from mlsae.utils import get_repo_id
 
-
-@dataclass
-class AutoencoderConfig:
-    """The autoencoder and its training objective."""
-
-    expansion_factor: int = 64
-    """The number of latents over the transformer's width."""
-
-    k: int = field(default=32, alias="-k")
-    """The number of latents kept per vector (TopK)."""
-
-    auxk: int | None = 256
-    """How many dead latents model the residual error (AuxK); none to turn it off."""
-
-    auxk_coef: float | None = 1 / 32
-    """The weight of the AuxK loss."""
-
-    dead_tokens_threshold: int = 10_000_000
-    """Training tokens without firing after which a latent is dead."""
-
-    dead_threshold: float = 1e-3
-    """The activation above which a latent counts as fired."""
-
-    lr: float = 1e-4
-    """Adam's learning rate."""
-
-    adam_eps: float = 6.25e-10
-    """Adam's epsilon."""
-
-    lr_warmup_steps: int = 0
-    """Optimizer steps of linear learning-rate warm-up."""
-
-    lr_decay_steps: int = 0
-    """Final optimizer steps of linear learning-rate decay to zero."""
-
-    standardize: bool = True
-    """Whether to standardise every residual vector (zero mean, unit variance)."""
-
-    skip_special_tokens: bool = True
-    """Whether to zero the residual stream at BOS/EOS/PAD positions."""
-
-    count_special_tokens: bool = False
-    """Whether those zeroed positions count in losses, metrics and dead latents
-    (the original's behaviour; needed to reproduce its numbers)."""
-
-    tuned_lens: bool = False
-    """Whether to translate the residual stream with the model's tuned lens."""
-
-
-MLSAEConfig = AutoencoderConfig
+AutoencoderConfig = MLSAEConfig
+"""The `train.py` options of the autoencoder (declared in `mlsae.model.hparams`)."""
 
 
 @dataclass
@@ -158,7 +111,7 @@ class TrainerConfig:
 class RunConfig:
     """Train an MLSAE on the residual stream of every layer of a transformer."""
 
-    autoencoder: AutoencoderConfig = dataclass_field(default_factory=AutoencoderConfig)
+    autoencoder: MLSAEConfig = dataclass_field(default_factory=MLSAEConfig)
     data: TrainDataConfig = dataclass_field(default_factory=TrainDataConfig)
     trainer: TrainerConfig = dataclass_field(default_factory=TrainerConfig)
 
@@ -177,23 +130,60 @@ class RunConfig:
     run: str | None = None
     """The run's name (default: derived from the model and hyperparameters)."""
 
+    def hyperparameters(self) -> MLSAEHyperparameters:
+        """The hyperparameters of the model these options train."""
+        return MLSAEHyperparameters(
+            **asdict(self.autoencoder),
+            model_name=self.model_name,
+            layers=self.layers,
+            max_length=self.data.max_length,
+            batch_size=self.data.batch_size,
+            accumulate_grad_batches=self.trainer.accumulate_grad_batches,
+            skip_non_finite=self.trainer.skip_non_finite,
+        )
+
 
 @dataclass
-class TestConfig:
+class SweepConfig:
+    """The published models of a sweep: every combination of transformer, expansion factor
+    and k (the original's `SweepConfig`)."""
+
+    model_name: list[str] = dataclass_field(
+        default_factory=lambda: ["EleutherAI/pythia-70m-deduped"]
+    )
+    """Transformers of the published models (one or more)."""
+
+    expansion_factor: list[int] = dataclass_field(default_factory=list)
+    """Expansion factors of the published models (one or more)."""
+
+    k: list[int] = field(default_factory=list, alias="-k")
+    """k of the published models (one or more)."""
+
+    tuned_lens: bool = False
+    """The published -lens models."""
+
+    seed: int = 42
+    """The seed of every random number generator."""
+
+    def __iter__(self) -> Iterator[tuple[str, int, int]]:
+        """`(model_name, expansion_factor, k)` of every model of the sweep."""
+        yield from product(self.model_name, self.expansion_factor, self.k)
+
+    def repo_ids(self, transformer: bool = True) -> Iterator[str]:
+        """The hub ids of the sweep's models (`-tfm` modules unless `transformer=False`)."""
+        for model_name, expansion_factor, k in self:
+            yield get_repo_id(
+                model_name, expansion_factor, k, tuned_lens=self.tuned_lens, transformer=transformer
+            )
+
+
+@dataclass
+class TestConfig(SweepConfig):
     """Evaluate pretrained MLSAEs on held-out text and write their metrics to CSV."""
 
     data: DataConfig = dataclass_field(
         default_factory=lambda: DataConfig(path="data/test.jsonl.zst", split="test")
     )
-
-    repo_id: str | None = None
-    """A pretrained -tfm model: hub id or local folder (default: the published id
-    for each model name, expansion factor and k)."""
-
-    model_name: list[str] = dataclass_field(
-        default_factory=lambda: ["EleutherAI/pythia-70m-deduped"]
-    )
-    """Transformers of the published models to evaluate (one or more)."""
 
     expansion_factor: list[int] = dataclass_field(default_factory=lambda: [64])
     """Expansion factors of the published models to evaluate (one or more)."""
@@ -201,8 +191,9 @@ class TestConfig:
     k: list[int] = field(default_factory=lambda: [32], alias="-k")
     """k of the published models to evaluate (one or more)."""
 
-    tuned_lens: bool = False
-    """Evaluate the published -lens models."""
+    repo_id: str | None = None
+    """A pretrained -tfm model: hub id or local folder (default: the published id
+    for each model name, expansion factor and k)."""
 
     count_special_tokens: bool = False
     """Count the zeroed special-token positions, as the original did."""
@@ -216,18 +207,35 @@ class TestConfig:
     output_dir: str = "out"
     """Where the CSV files go."""
 
-    seed: int = 42
-    """The seed of every random number generator."""
-
-    def repo_ids(self) -> Iterator[str]:
-        """The models to evaluate."""
+    def repo_ids(self, transformer: bool = True) -> Iterator[str]:
+        """The models to evaluate: `--repo_id`, or the sweep's published models."""
         if self.repo_id is not None:
             yield self.repo_id
             return
-        for model_name, expansion_factor, k in product(
-            self.model_name, self.expansion_factor, self.k
-        ):
-            yield get_repo_id(model_name, expansion_factor, k, tuned_lens=self.tuned_lens)
+        yield from super().repo_ids(transformer)
+
+    @classmethod
+    def from_run(cls, config: "RunConfig") -> "TestConfig":
+        """The evaluation the original's `test(RunConfig)` ran: the published model for the
+        run's transformer, expansion factor, k and tuned lens, on the test split."""
+        ae, data = config.autoencoder, config.data
+        return cls(
+            data=DataConfig(
+                path="data/test.jsonl.zst",
+                split="test",
+                max_length=data.max_length,
+                batch_size=data.batch_size,
+                max_tokens=data.max_tokens,
+                num_workers=data.num_workers,
+            ),
+            model_name=[config.model_name],
+            expansion_factor=[ae.expansion_factor],
+            k=[ae.k],
+            tuned_lens=ae.tuned_lens,
+            count_special_tokens=ae.count_special_tokens,
+            precision=config.trainer.precision,
+            seed=config.seed,
+        )
 
 
 def _require_positive(name: str, value: int | None, allow_none: bool = False) -> None:

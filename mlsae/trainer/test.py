@@ -11,6 +11,7 @@ from mlsae.lm.data import held_out_stream, load_tokenizer
 from mlsae.model.lightning import MLSAETransformer
 from mlsae.names import csv_name
 from mlsae.trainer.config import (
+    RunConfig,
     TestConfig,
     check_precision,
     default_precision,
@@ -72,8 +73,11 @@ def test_one(config: TestConfig, repo_id: str) -> Path:
     return output
 
 
-def test(config: TestConfig) -> list[Path]:
-    """Evaluate every model the config names; returns the CSV files written."""
+def test(config: TestConfig | RunConfig) -> list[Path]:
+    """Evaluate every model the config names; returns the CSV files written. A
+    `RunConfig` (the original's argument) evaluates the published model of that run."""
+    if isinstance(config, RunConfig):
+        config = TestConfig.from_run(config)
     check_precision(config.precision, config.accelerator)
     initialize(config.seed)
     return [test_one(config, repo_id) for repo_id in config.repo_ids()]

@@ -3,6 +3,7 @@
 import logging
 import math
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -76,29 +77,7 @@ def print_summary(title: str, metrics: dict[str, float]) -> None:
 
 def model_options(config: RunConfig) -> dict[str, Any]:
     """The constructor arguments of the model that `config` trains."""
-    ae = config.autoencoder
-    return dict(
-        model_name=config.model_name,
-        layers=config.layers,
-        expansion_factor=ae.expansion_factor,
-        k=ae.k,
-        auxk=ae.auxk,
-        auxk_coef=ae.auxk_coef,
-        dead_tokens_threshold=ae.dead_tokens_threshold,
-        dead_threshold=ae.dead_threshold,
-        lr=ae.lr,
-        standardize=ae.standardize,
-        skip_special_tokens=ae.skip_special_tokens,
-        max_length=config.data.max_length,
-        batch_size=config.data.batch_size,
-        accumulate_grad_batches=config.trainer.accumulate_grad_batches,
-        tuned_lens=ae.tuned_lens,
-        count_special_tokens=ae.count_special_tokens,
-        adam_eps=ae.adam_eps,
-        lr_warmup_steps=ae.lr_warmup_steps,
-        lr_decay_steps=ae.lr_decay_steps,
-        skip_non_finite=config.trainer.skip_non_finite,
-    )
+    return asdict(config.hyperparameters())
 
 
 def build_model(config: RunConfig) -> MLSAETransformer:

@@ -96,7 +96,7 @@ def test_the_largest_legitimate_request_fits_the_default_cap(client: TestClient)
     assert 2_000_000 < len(body) <= DEFAULT_MAX_BODY_BYTES
     response = client.post("/api/logits/steering", content=body.encode(), headers=JSON)
     assert response.status_code == 422  # too many tokens for the model, but read
-    assert "tokens long" in response.json()["detail"]
+    assert "400000 tokens, more than the 128" in response.json()["detail"]
 
 
 class Upload:

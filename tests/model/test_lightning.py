@@ -56,7 +56,7 @@ def test_golden_spliced_losses(golden, original_numbers):
 
 
 def test_golden_logged_metrics(golden, original_numbers):
-    logged = original_numbers._evaluate({"input_ids": golden["tokens"]}, with_train_metrics=True)
+    logged = original_numbers._evaluate({"input_ids": golden["tokens"]})
     compared = [key[len("logged.") :] for key in golden if key.startswith("logged.")]
     assert len(compared) == 31
     for name in compared:
@@ -72,7 +72,7 @@ def test_special_tokens_are_excluded_by_default(golden):
     stream = model.residual_stream(tokens)
     kept = golden["special_mask"].bool()
     assert torch.equal(stream.mask, kept)
-    logged = model._evaluate({"input_ids": tokens}, with_train_metrics=True)
+    logged = model._evaluate({"input_ids": tokens})
     with torch.no_grad():
         recons = model(tokens).recons
     inputs = golden["inputs"]

@@ -44,7 +44,7 @@ def loaders(model: MLSAETransformer, steps: int):
 
 
 def held_out_fvu(model: MLSAETransformer, val) -> float:
-    values = [model._evaluate(batch, True)["train/fvu/avg"] for batch in val]
+    values = [model._evaluate(batch)["train/fvu/avg"] for batch in val]
     return torch.stack(values).mean().item()
 
 

@@ -1,5 +1,6 @@
 """User mistakes end with one clear `error:` line and exit status 2, not a traceback."""
 
+import importlib
 import json
 import re
 import shutil
@@ -9,9 +10,11 @@ import zstandard
 
 from mlsae.cli import run_command
 from mlsae.model.lightning import MLSAETransformer
-from mlsae.trainer import test as test_command
-from mlsae.trainer import train as train_command
 from tests.goldens import GOLDENS
+
+# The modules (`mlsae.trainer.train` is the function of that name, as in the original).
+train_command = importlib.import_module("mlsae.trainer.train")
+test_command = importlib.import_module("mlsae.trainer.test")
 
 TINY = str(GOLDENS / "tiny-gpt-neox-2")
 CORPUS = str(GOLDENS / "corpus.jsonl.zst")

@@ -2,6 +2,7 @@
 SIGTERM leaves nothing half-written and says what happened."""
 
 import errno
+import importlib
 import os
 import shutil
 import signal
@@ -12,11 +13,13 @@ import torch
 from lightning.pytorch import Callback
 
 from mlsae.cli import run_command
-from mlsae.trainer import train as train_command
 from mlsae.trainer import upload as upload_command
 from mlsae.trainer.faults import INTERRUPTED_EXIT_STATUS
 from tests.goldens import GOLDENS
 from tests.trainer.test_errors import fails_with
+
+# The modules (`mlsae.trainer.train` is the function of that name, as in the original).
+train_command = importlib.import_module("mlsae.trainer.train")
 
 TINY = str(GOLDENS / "tiny-gpt-neox-2")
 CORPUS = str(GOLDENS / "corpus.jsonl.zst")

@@ -1,0 +1,146 @@
+"""How an analysis runs as a command: parse its options, seed, compute and write its outputs,
+say where they went, push them to the hub.
+
+Every `python -m mlsae.analysis.<name>` is `run_command(main)` (a user mistake ends with one
+`error:` line and exit status 2), and every `main` is one line:
+
+    def main(args: list[str] | None = None) -> Dists:
+        return run_analysis(DistsConfig, save_dists, args)
+
+An analysis supplies its options (a dataclass with a `seed`) and a `save` function that
+computes, writes and returns a `Saved`: the result, the files it wrote and, if it publishes
+a hub dataset, how to push it. `run_analysis` does the rest; `save_and_report` does the same
+for a config built in code (the figure scripts). An analysis of a pretrained model starts
+from `AnalysedModel.load(config)`: the model as a `LatentSource`, its held-out token stream,
+where its outputs go and what they record of it.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+from torch.utils.data import DataLoader
+
+from mlsae.analysis.config import AnalysisConfig
+from mlsae.analysis.identity import OutputOrigin, replacement_note, source_identity
+from mlsae.analysis.source import MLSAESource
+from mlsae.cli import ConfigError, initialize, parse
+from mlsae.lm.data import held_out_stream
+from mlsae.names import cache_path, derived_name
+
+R = TypeVar("R")
+
+
+class Seeded(Protocol):
+    """The options every analysis has."""
+
+    seed: int
+
+
+C = TypeVar("C", bound=Seeded)
+
+
+@dataclass
+class Saved(Generic[R]):
+    """What an analysis computed and where it wrote it."""
+
+    result: R
+    """What the analysis returns (and `main` too)."""
+
+    outputs: list[tuple[str, Path]]
+    """What was written where: `(description, path)`, printed as `Saved <description> to
+    <path>`."""
+
+    notes: list[str] = field(default_factory=list)
+    """Lines printed before the outputs: headline numbers, an output of another model that
+    was replaced."""
+
+    push: Callable[[str], Any] | None = None
+    """Pushes the result to the hub as the dataset it is given (None: the analysis publishes
+    none)."""
+
+    dataset_id: str | None = None
+    """The hub dataset that `push` writes to."""
+
+
+def pushes_to_hub(config: object) -> bool:
+    """Whether the options ask for the result on the hub (`--push_to_hub`)."""
+    return bool(getattr(config, "push_to_hub", False))
+
+
+def save_and_report(config: C, save: Callable[[C], Saved[R]]) -> R:
+    """`save(config)`, then print what was written where and, with `--push_to_hub`, push the
+    result to the hub; returns the result.
+
+    Raises ConfigError before computing anything when `--push_to_hub` is set for an analysis
+    that publishes no hub dataset (`hub_suffix` of its options is None).
+    """
+    if pushes_to_hub(config) and getattr(config, "hub_suffix", None) is None:
+        raise ConfigError(
+            f"--push_to_hub: {type(config).__name__} has no hub dataset to push; "
+            "leave the option out"
+        )
+    saved = save(config)
+    for note in saved.notes:
+        print(note)
+    for description, path in saved.outputs:
+        print(f"Saved {description} to {path}")
+    if pushes_to_hub(config) and saved.push is not None and saved.dataset_id is not None:
+        saved.push(saved.dataset_id)
+        print(f"Pushed to the hub dataset {saved.dataset_id}")
+    return saved.result
+
+
+def run_analysis(
+    config_class: type[C], save: Callable[[C], Saved[R]], args: list[str] | None = None
+) -> R:
+    """Parse `args` (default: the command line) into `config_class`, seed everything with
+    its `seed`, and `save_and_report`; returns the result."""
+    config = parse(config_class, args)
+    initialize(config.seed)
+    return save_and_report(config, save)
+
+
+@dataclass
+class AnalysedModel:
+    """The pretrained model that an analysis reads, and where its outputs go."""
+
+    config: AnalysisConfig
+    repo_id: str
+    """The model as the user named it (hub id or local folder), or the published id."""
+
+    source: MLSAESource
+    origin: OutputOrigin
+    """What the outputs record of the model (see `mlsae.analysis.identity`)."""
+
+    @staticmethod
+    def load(config: AnalysisConfig) -> "AnalysedModel":
+        """The model of `config` on its device, with its identity."""
+        repo_id = config.resolved_repo_id()
+        source = config.load_source()
+        return AnalysedModel(
+            config, repo_id, source, OutputOrigin(model=source_identity(source), repo_id=repo_id)
+        )
+
+    def batches(self) -> DataLoader:
+        """The held-out token stream of the data options (`max_steps` batches)."""
+        return held_out_stream(self.config.data, self.source.tokenizer)
+
+    @property
+    def max_steps(self) -> int:
+        return self.config.data.max_steps
+
+    def output_path(self, suffix: str, extension: str) -> Path:
+        """`<output_dir>/<owner>-<name>-<suffix>.<extension>` (see `mlsae.names.cache_path`)."""
+        return cache_path(self.repo_id, suffix, extension, self.config.output_dir)
+
+    def dataset_id(self) -> str | None:
+        """The hub dataset of the analysis (`mlsae.names.derived_name`), if it has one."""
+        suffix = getattr(self.config, "hub_suffix", None)
+        return None if suffix is None else derived_name(self.repo_id, suffix)
+
+    def replacement_notes(self, path: str | Path, previous: OutputOrigin | None) -> list[str]:
+        """The line to print when the output at `path` was another model's, else none."""
+        note = replacement_note(path, previous, self.origin)
+        return [note] if note else []

@@ -1,0 +1,46 @@
+"""What splicing a reconstruction into the model costs, one layer at a time."""
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mlsae.lm.stream import ResidualStream
+from mlsae.lm.transformer import Transformer
+from mlsae.metrics.spliced import logit_kldiv, logit_mse, next_token_loss
+
+
+@torch.no_grad()
+def spliced_metrics(
+    transformer: Transformer,
+    tokens: Int[Tensor, "batch pos"],
+    stream: ResidualStream,
+    recons: Float[Tensor, "layer batch pos d_model"],
+) -> dict[str, Float[Tensor, " layer"]]:
+    """Per layer: CE loss with the true stream and with the reconstruction spliced in after
+    that layer's block (`loss_true`, `loss_pred`), logit MSE (`mse`) and KL divergence
+    (`kl`); the model runs once per layer, never holding logits of every layer.
+
+    With special tokens counted (the original's numbers), the "true" stream is the zeroed
+    one the autoencoder saw; otherwise it is the model's own, and the reconstruction
+    replaces it only at the positions that count.
+    """
+    tokens = tokens.to(transformer.device)
+    mask = stream.mask
+    true_stack, pred_stack, clean_logits = stream.zeroed(), recons, None
+    if mask is not None:
+        pred_stack = torch.where(mask[None, :, :, None], recons, stream.raw)
+    if mask is not None or stream.special is None:
+        # Splicing the unmodified stream gives the model's own logits at every layer.
+        clean_logits = transformer.model(input_ids=tokens, use_cache=False).logits
+    values: dict[str, list[Tensor]] = {k: [] for k in ("loss_true", "loss_pred", "mse", "kl")}
+    for position in range(transformer.n_layers):
+        if clean_logits is None:
+            logits_true = transformer.forward_at_layer(true_stack, position, "logits")
+        else:
+            logits_true = clean_logits
+        logits_pred = transformer.forward_at_layer(pred_stack, position, "logits")
+        values["loss_true"].append(next_token_loss(logits_true, tokens, mask))
+        values["loss_pred"].append(next_token_loss(logits_pred, tokens, mask))
+        values["mse"].append(logit_mse(logits_true, logits_pred, mask))
+        values["kl"].append(logit_kldiv(logits_true, logits_pred, mask))
+    return {key: torch.stack(value) for key, value in values.items()}

@@ -1,0 +1,51 @@
+"""The metrics an `MLSAETransformer` logs, under the original's names."""
+
+from torchmetrics import MetricCollection
+
+from mlsae.metrics import (
+    DeadLatents,
+    LayerwiseFVU,
+    LayerwiseL0Norm,
+    LayerwiseL1Norm,
+    LayerwiseLogitKLDiv,
+    LayerwiseLogitMSE,
+    LayerwiseLossDelta,
+    LayerwiseMSE,
+    LayerwiseWrapper,
+)
+
+
+def reconstruction_metrics(
+    layers: list[int], n_latents: int, dead_tokens_threshold: int, dead_threshold: float
+) -> MetricCollection:
+    """`train/dead/rel`, and per layer and averaged, `train/fvu`, `train/l0`, `train/l1`
+    and `train/mse` (updated with `inputs`, `recons`, `values`, `indices`, `mask`)."""
+    n = len(layers)
+    return MetricCollection(
+        {
+            "dead/rel": DeadLatents(n_latents, dead_tokens_threshold),
+            "fvu": LayerwiseWrapper(LayerwiseFVU(n), layers=layers, prefix="fvu/"),
+            "l0": LayerwiseWrapper(LayerwiseL0Norm(n, dead_threshold), layers=layers, prefix="l0/"),
+            "l1": LayerwiseWrapper(LayerwiseL1Norm(n), layers=layers, prefix="l1/"),
+            "mse": LayerwiseWrapper(LayerwiseMSE(n), layers=layers, prefix="mse/"),
+        },
+        prefix="train/",
+    )
+
+
+def spliced_metrics(layers: list[int]) -> MetricCollection:
+    """Per layer and averaged, `val/logit/kldiv`, `val/logit/mse` and `val/loss/delta`
+    (updated with `loss_true`, `loss_pred`, `logit_mse`, `logit_kldiv`)."""
+    n = len(layers)
+    return MetricCollection(
+        {
+            "logit/kldiv": LayerwiseWrapper(
+                LayerwiseLogitKLDiv(n), layers=layers, prefix="logit/kldiv/"
+            ),
+            "logit/mse": LayerwiseWrapper(LayerwiseLogitMSE(n), layers=layers, prefix="logit/mse/"),
+            "loss/delta": LayerwiseWrapper(
+                LayerwiseLossDelta(n), layers=layers, prefix="loss/delta/"
+            ),
+        },
+        prefix="val/",
+    )
