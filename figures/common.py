@@ -19,6 +19,7 @@ from simple_parsing import field
 
 from mlsae.analysis.config import DEFAULT_MODEL_NAME
 from mlsae.analysis.dists import Dists, DistsConfig, save_dists
+from mlsae.analysis.run import save_and_report
 from mlsae.cli import DataConfig, initialize, require_local_data
 from mlsae.names import cache_path, get_repo_id, model_label, parse_repo_id
 from mlsae.utils import get_device
@@ -214,7 +215,7 @@ def load_dists(config: DistsSweepConfig, spec: ModelSpec) -> Dists:
     )
     try:
         require_local_data(config.data.path)
-        return save_dists(dists_config)
+        return save_and_report(dists_config, save_dists)
     except FileNotFoundError as error:
         raise FileNotFoundError(
             f"cannot compute the dists of {spec.repo_id}: {error}\nPass the data options "

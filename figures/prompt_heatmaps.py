@@ -1,7 +1,8 @@
 """Which layers light up on one prompt: `python -m figures.prompt_heatmaps --prompt ...`.
 
 Per model, a heatmap of the largest latent activation (after ReLU) at each layer (rows)
-and token of the prompt (columns), from `mlsae.analysis.heatmaps.prompt_latents`.
+and token of the prompt (columns), from `mlsae.analysis.heatmaps.prompt_latents` (the
+prompt's analysis, `mlsae.analysis.prompt`).
 Special-token positions are blank unless `--count_special_tokens`.
 
 Reads each pretrained model (local folder or hub) and runs it on the prompt. Writes, in
@@ -82,7 +83,7 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
             count_special_tokens=config.count_special_tokens,
             model_name=spec.transformer,
         )
-        result = prompt_latents(source, config.prompt, config.threshold)
+        result = prompt_latents(source.model, config.prompt, config.threshold)
         stem = Path(config.output_dir) / f"prompt_heatmap_{spec.label}"
         csv_path = Path(f"{stem}.csv")
         write_max_activation(result, csv_path)

@@ -25,6 +25,7 @@ from typing import Any
 from figures.common import new_figure, parse_config, save_figure, write_csv
 from mlsae.analysis.config import DEFAULT_MODEL_NAME
 from mlsae.analysis.geometry import Centre, GeometryConfig, save_geometry
+from mlsae.analysis.run import save_and_report
 from mlsae.cli import DataConfig
 
 FLOAT_COLUMNS = ("norm", "cos_sim", "cos_sim_std", "centred_cos_sim", "centred_cos_sim_std")
@@ -103,7 +104,7 @@ def load_geometry(config: ResidCosSimConfig, model_name: str) -> list[dict[str, 
         print(f"Geometry of {model_name}: {path}")
         return read_geometry(path)
     try:
-        save_geometry(geometry)
+        save_and_report(geometry, save_geometry)
     except FileNotFoundError as error:
         raise FileNotFoundError(
             f"cannot compute the geometry of {model_name}: {error}\nPass the data options "

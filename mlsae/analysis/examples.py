@@ -4,10 +4,11 @@
 Streams text through a pretrained MLSAE and keeps, for every (layer, latent), the
 `n_examples` token positions with the largest top-k values, each with a context window of
 up to `n_tokens` tokens either side, clipped to its own sequence. Values are the pre-ReLU
-top-k values rounded to float16, as published; only values above 1e-3 (after rounding)
-count, and positions outside the mask (special tokens, unless `--count_special_tokens`)
-never do. The best examples are kept on the device of the model while streaming, in
-tensors of `n_layers * n_latents * n_examples` entries.
+top-k values rounded to float16, as published; only values above the firing threshold
+(`mlsae.metrics.FIRING_THRESHOLD`, 1e-3, compared after rounding) count, and positions
+outside the mask (special tokens, unless `--count_special_tokens`) never do. The best
+examples are kept on the device of the model while streaming, in tensors of
+`n_layers * n_latents * n_examples` entries.
 
 The examples are written to SQLite, `<output_dir>/<owner>-<name>-examples.db`, with the
 columns of a published `-examples` dataset (`id, latent, layer, token_id, token, act,
@@ -23,7 +24,7 @@ default, and exactly `max_tokens // (batch_size * max_length)` batches are proce
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -31,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from mlsae.analysis.config import AnalysisConfig, cache_path, derived_name, training_batches
+from mlsae.analysis.config import AnalysisConfig
 from mlsae.analysis.examples_db import (
     COLUMNS,
     FEATURES,
@@ -43,9 +44,10 @@ from mlsae.analysis.examples_db import (
     read_origin,
     write_db,
 )
-from mlsae.analysis.identity import OutputOrigin, replacement_note, source_identity
+from mlsae.analysis.run import AnalysedModel, Saved, run_analysis
 from mlsae.analysis.source import LatentBatch, LatentSource
-from mlsae.cli import initialize, parse, run_command
+from mlsae.cli import run_command
+from mlsae.metrics.firing import FIRING_THRESHOLD
 
 __all__ = [
     "COLUMNS",
@@ -63,9 +65,6 @@ __all__ = [
     "write_db",
 ]
 
-MIN_ACT = 1e-3
-"""Values at or below this (compared in float16, as the original did) never count."""
-
 _WINDOW_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -73,6 +72,8 @@ _WINDOW_CHUNK_ELEMENTS = 1 << 24
 class ExamplesConfig(AnalysisConfig):
     """Find the top activating examples of every latent of a pretrained MLSAE at every
     layer."""
+
+    hub_suffix: ClassVar[str | None] = "examples"
 
     n_examples: int = 32
     """Examples kept per latent and layer."""
@@ -183,7 +184,8 @@ class TopExamples:
         mask: Bool[Tensor, "batch pos"] | None,
     ) -> "_Candidates | None":
         """The batch's best `n_examples` per (layer, latent) that beat the kept ones."""
-        eligible = values16 > MIN_ACT
+        # Compared in float16, as the original did.
+        eligible = values16 > FIRING_THRESHOLD
         if mask is not None:
             eligible &= mask[None, :, :, None]
         layer, row, pos, slot = eligible.nonzero(as_tuple=True)
@@ -319,41 +321,30 @@ def collect_examples(
     return top
 
 
-def save_examples(config: ExamplesConfig) -> Examples:
-    """Find the top examples of the configured model, write them to
-    `config.output_dir` (and the hub with `push_to_hub`), and open them."""
-    repo_id = config.resolved_repo_id()
-    source = config.load_source()
+def save_examples(config: ExamplesConfig) -> Saved[Examples]:
+    """Find the top examples of the configured model, write them to `config.output_dir`,
+    and open them."""
+    model = AnalysedModel.load(config)
+    source = model.source
     top = collect_examples(
-        source,
-        training_batches(config.data, source.tokenizer),
-        config.n_examples,
-        config.n_tokens,
-        total=config.data.max_steps,
+        source, model.batches(), config.n_examples, config.n_tokens, total=model.max_steps
     )
-    path = cache_path(repo_id, "examples", "db", config.output_dir)
-    origin = OutputOrigin(model=source_identity(source), repo_id=repo_id)
-    note = replacement_note(path, read_origin(path), origin)
+    path = model.output_path("examples", "db")
+    notes = model.replacement_notes(path, read_origin(path))
     write_db(
         top.examples(source.tokenizer),
         path,
         n_layers=source.n_layers,
         n_latents=source.n_latents,
-        origin=origin,
+        origin=model.origin,
     )
-    if note:
-        print(note)
-    print(f"Saved the examples of {repo_id} to {path}")
     examples = Examples(path)
-    if config.push_to_hub:
-        examples.push_to_hub(derived_name(repo_id, "examples"))
-    return examples
+    outputs = [(f"the examples of {model.repo_id}", path)]
+    return Saved(examples, outputs, notes, push=examples.push_to_hub, dataset_id=model.dataset_id())
 
 
 def main(args: list[str] | None = None) -> Examples:
-    config = parse(ExamplesConfig, args)
-    initialize(config.seed)
-    return save_examples(config)
+    return run_analysis(ExamplesConfig, save_examples, args)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,11 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mlsae.analysis.config import DEFAULT_MODEL_NAME, held_out_batches
-from mlsae.cli import DataConfig, initialize, parse, run_command
+from mlsae.analysis.config import DEFAULT_MODEL_NAME
+from mlsae.analysis.run import Saved, run_analysis
+from mlsae.cli import DataConfig, run_command
 from mlsae.files import atomic_output
+from mlsae.lm.data import held_out_stream
 from mlsae.lm.transformer import Transformer
 from mlsae.utils import get_device
 
@@ -244,27 +246,23 @@ def write_rows(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None
         writer.writerows(rows)
 
 
-def save_geometry(config: GeometryConfig) -> list[dict[str, Any]]:
+def save_geometry(config: GeometryConfig) -> Saved[list[dict[str, Any]]]:
     """Compute the geometry of the configured transformer and write the CSV."""
     transformer = config.load_transformer()
-    batches = held_out_batches(config.data, transformer.tokenizer)
     rows = residual_geometry(
         transformer,
-        batches,
+        held_out_stream(config.data, transformer.tokenizer),
         centre=config.centre,
         count_special_tokens=config.count_special_tokens,
         total=config.data.max_steps,
     )
     path = Path(config.output_dir) / f"{config.name()}-geometry.csv"
     write_rows(rows, path)
-    print(f"Saved the residual-stream geometry ({rows[0]['tokens']} tokens) to {path}")
-    return rows
+    return Saved(rows, [(f"the residual-stream geometry ({rows[0]['tokens']} tokens)", path)])
 
 
 def main(args: list[str] | None = None) -> list[dict[str, Any]]:
-    config = parse(GeometryConfig, args)
-    initialize(config.seed)
-    return save_geometry(config)
+    return run_analysis(GeometryConfig, save_geometry, args)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 For a prompt, `prompt_latents` gives its tokens, the largest latent activation at each
 (layer, position) and, for every latent that fires (activation after ReLU above
-`--threshold`), its activation at every (layer, position). Layers are indices into the
-model's stack (0 .. n_layers - 1; `blocks` maps them to the transformer's blocks).
-Special-token positions are left out (NaN maximum, no latent fires there) unless
-`--count_special_tokens`.
+`--threshold`), its activation at every (layer, position), all read from the prompt's
+analysis (`mlsae.analysis.prompt`). Layers are indices into the model's stack
+(0 .. n_layers - 1; `blocks` maps them to the transformer's blocks). Special-token
+positions are left out (NaN maximum, no latent fires there) unless `--count_special_tokens`.
 
 Outputs, in `--output_dir` (default `out/`): `<owner>-<name>-prompt.json` (tokens, the
 maximum per layer and position, and per firing latent its mean layer and firings),
@@ -25,14 +25,12 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mlsae.analysis.config import AnalysisConfig, cache_path
-from mlsae.analysis.source import LatentSource
+from mlsae.analysis.prompt import PromptAnalysis, analyse_prompt, mean_layer
 from mlsae.cli import initialize, parse, run_command
 from mlsae.files import atomic_output
+from mlsae.model.lightning import MLSAETransformer
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
-
-# Tokenizers without a real limit report this as their model_max_length.
-_UNBOUNDED = 10**12
 
 
 @dataclass
@@ -78,9 +76,7 @@ class PromptLatents:
     @property
     def layer_mean(self) -> Float[Tensor, " latent"]:
         """Per firing latent, the mean layer of its activations summed over positions."""
-        weights = self.activations.sum(-1)
-        layers = torch.arange(weights.shape[1], dtype=weights.dtype, device=weights.device)
-        return (weights * layers).sum(-1) / weights.sum(-1)
+        return mean_layer(self.activations)
 
     def firings(self) -> dict[int, list[dict[str, Any]]]:
         """Per firing latent, where it fires: layer, block, position, token, activation."""
@@ -121,79 +117,38 @@ class PromptLatents:
         }
 
 
-def context_length(source: LatentSource) -> int | None:
-    """The most tokens the source's transformer takes at once, if it can tell."""
-    model = getattr(source, "model", None)
-    transformer = getattr(model, "transformer", None)
-    config = getattr(transformer, "config", None)
-    if config is not None:
-        config = getattr(config, "get_text_config", lambda: config)()
-        for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-            value = getattr(config, name, None)
-            if isinstance(value, int):
-                return value
-    model_max_length = getattr(source.tokenizer, "model_max_length", None)
-    if isinstance(model_max_length, int) and model_max_length < _UNBOUNDED:
-        return model_max_length
-    return None
-
-
-def tokenize_prompt(
-    source: LatentSource, prompt: str, max_length: int | None = None
-) -> Int[Tensor, " pos"]:
-    """The token ids of `prompt`; a clear error when there are none or too many."""
-    if not prompt:
-        raise ValueError("the prompt is empty")
-    token_ids = source.tokenizer(prompt)["input_ids"]
-    if len(token_ids) == 0:
-        raise ValueError(f"the prompt {prompt!r} has no tokens")
-    max_length = max_length if max_length is not None else context_length(source)
-    if max_length is not None and len(token_ids) > max_length:
-        raise ValueError(
-            f"the prompt has {len(token_ids)} tokens, more than the model's context of "
-            f"{max_length}; shorten it"
-        )
-    return torch.tensor(token_ids, dtype=torch.int64)
-
-
-@torch.no_grad()
-def prompt_latents(
-    source: LatentSource,
-    prompt: str,
-    threshold: float = 1e-3,
-    max_length: int | None = None,
-) -> PromptLatents:
-    """The latents of `source` on `prompt` (see `PromptLatents`).
-
-    `max_length` bounds the prompt's tokens (default: the transformer's context)."""
-    token_ids = tokenize_prompt(source, prompt, max_length)
-    batch = source.latents(token_ids.unsqueeze(0))
-    values, indices = batch.topk
-    values, indices = values[:, 0].clamp(min=0).float(), indices[:, 0]
+def firing_latents(
+    values: Float[Tensor, "layer pos k"], indices: Int[Tensor, "layer pos k"], threshold: float
+) -> tuple[Int[Tensor, " latent"], Float[Tensor, "latent layer pos"]]:
+    """The latents whose selected activation exceeds `threshold` somewhere, in ascending
+    order, and each one's activation at every layer and position (every selected value,
+    also where it is below the threshold; 0 where it is not selected)."""
     n_layers, n_positions, _ = indices.shape
-    counted = torch.ones(n_positions, dtype=torch.bool, device=indices.device)
-    if batch.mask is not None:
-        counted = batch.mask[0].to(indices.device)
-    values = values * counted[None, :, None]
-
-    max_activation = values.max(-1).values.masked_fill(~counted[None], float("nan"))
-
-    fired = values > threshold
-    latents = indices[fired].unique()
-    # Every selected value of a firing latent, also where it is below the threshold.
+    latents = indices[values > threshold].unique()
     of_firing = torch.isin(indices, latents)
     layer, position, _ = of_firing.nonzero(as_tuple=True)
     row = torch.searchsorted(latents, indices[of_firing])
-    activations = torch.zeros(len(latents), n_layers, n_positions, device=values.device)
+    activations = values.new_zeros((len(latents), n_layers, n_positions))
     activations[row, layer, position] = values[of_firing]
+    return latents, activations
 
+
+def latents_of(
+    analysis: PromptAnalysis, model: MLSAETransformer, threshold: float = 1e-3
+) -> PromptLatents:
+    """The latents of an analysed prompt (see `PromptLatents`)."""
+    values, counted = analysis.values.float(), analysis.counted
+    max_activation = values.max(-1).values.masked_fill(~counted[None], float("nan"))
+    latents, activations = firing_latents(values, analysis.indices, threshold)
+    token_ids = analysis.token_ids[0].cpu()
+    tokenizer = model.transformer.tokenizer
     result = PromptLatents(
         token_ids=token_ids,
         tokens=[
-            source.tokenizer.decode([token], clean_up_tokenization_spaces=False)
+            tokenizer.decode([token], clean_up_tokenization_spaces=False)
             for token in token_ids.tolist()
         ],
-        blocks=list(source.layers),
+        blocks=list(model.layers),
         max_activation=max_activation.cpu(),
         latents=latents.cpu(),
         activations=activations.cpu(),
@@ -203,6 +158,18 @@ def prompt_latents(
     order = result.layer_mean.argsort(stable=True)
     result.latents, result.activations = result.latents[order], result.activations[order]
     return result
+
+
+def prompt_latents(
+    model: MLSAETransformer,
+    prompt: str,
+    threshold: float = 1e-3,
+    max_tokens: int | None = None,
+) -> PromptLatents:
+    """The latents of `model` on `prompt` (see `PromptLatents`). `max_tokens` bounds the
+    prompt's tokens (default: the transformer's context length); a `PromptError` says
+    what is wrong with a prompt that cannot be analysed."""
+    return latents_of(analyse_prompt(model, prompt, max_tokens), model, threshold)
 
 
 def write_prompt_latents(result: PromptLatents, stem: str | os.PathLike[str]) -> list[Path]:
@@ -234,8 +201,8 @@ def write_prompt_latents(result: PromptLatents, stem: str | os.PathLike[str]) ->
 def save_prompt_latents(config: HeatmapsConfig) -> PromptLatents:
     """Analyse `config.prompt` with the configured model and write the results."""
     repo_id = config.resolved_repo_id()
-    source = config.load_source()
-    result = prompt_latents(source, config.prompt, config.threshold)
+    model = config.load_source().model
+    result = prompt_latents(model, config.prompt, config.threshold)
     stem = cache_path(repo_id, "prompt", "json", config.output_dir).with_suffix("")
     paths = write_prompt_latents(result, stem)
     print(

@@ -28,10 +28,12 @@ from simple_parsing import field
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mlsae.analysis.config import DEFAULT_MODEL_NAME, derived_name
-from mlsae.cli import initialize, parse, run_command
+from mlsae.analysis.config import DEFAULT_MODEL_NAME
+from mlsae.analysis.run import Saved, run_analysis
+from mlsae.cli import ConfigError, run_command
 from mlsae.files import atomic_output
-from mlsae.utils import get_device, get_repo_id
+from mlsae.names import derived_name, get_repo_id
+from mlsae.utils import get_device
 
 DECODER_KEYS = ("autoencoder.decoder.weight", "decoder.weight")
 
@@ -78,7 +80,7 @@ class MMCSConfig:
     def repo_ids(self) -> list[str]:
         if self.repo_id:
             if len(self.repo_id) > 2:
-                raise ValueError(f"give one or two --repo_id, got {len(self.repo_id)}")
+                raise ConfigError(f"give one or two --repo_id, got {len(self.repo_id)}")
             return list(self.repo_id)
         return [
             get_repo_id(self.model_name, self.expansion_factor, self.k, tuned_lens=self.tuned_lens)
@@ -180,8 +182,8 @@ def _short_name(repo_id: str) -> str:
     return derived_name(repo_id, "mmcs").replace("/", "-").removesuffix("-mmcs")
 
 
-def save_mmcs(config: MMCSConfig) -> list[dict[str, Any]]:
-    """Compute the MMCS of the configured models, write the CSV files; returns the rows."""
+def save_mmcs(config: MMCSConfig) -> Saved[list[dict[str, Any]]]:
+    """Compute the MMCS of the configured models and write the CSV files."""
     device = torch.device(config.device) if config.device else get_device()
     repo_ids = config.repo_ids()
     decoders = {repo_id: load_decoder(repo_id, device) for repo_id in repo_ids}
@@ -190,7 +192,7 @@ def save_mmcs(config: MMCSConfig) -> list[dict[str, Any]]:
         comparisons += [(repo_ids[0], repo_ids[1]), (repo_ids[1], repo_ids[0])]
 
     output_dir = Path(config.output_dir)
-    rows = []
+    rows, notes, outputs = [], [], []
     for repo_id, other_repo_id in comparisons:
         other = None if other_repo_id is None else decoders[other_repo_id]
         result = max_cos_sim(decoders[repo_id], other, config.chunk_size)
@@ -198,22 +200,22 @@ def save_mmcs(config: MMCSConfig) -> list[dict[str, Any]]:
         name = _short_name(repo_id)
         if other_repo_id is not None:
             name += f"-vs-{_short_name(other_repo_id)}"
-        write_latents(result, output_dir / f"{name}-mmcs.csv")
+        path = output_dir / f"{name}-mmcs.csv"
+        write_latents(result, path)
         versus = f" vs {other_repo_id}" if other_repo_id else ""
-        print(f"MMCS of {repo_id}{versus}: {rows[-1]['mean']:.4f}")
+        notes.append(f"MMCS of {repo_id}{versus}: {rows[-1]['mean']:.4f}")
+        outputs.append((f"the max cosine similarities of {repo_id}{versus}", path))
 
-    summary = atomic_output(output_dir / "mmcs.csv")
-    with summary as partial, open(partial, "w", newline="") as file:
+    summary_path = output_dir / "mmcs.csv"
+    with atomic_output(summary_path) as partial, open(partial, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    return rows
+    return Saved(rows, [*outputs, ("the summary", summary_path)], notes)
 
 
 def main(args: list[str] | None = None) -> list[dict[str, Any]]:
-    config = parse(MMCSConfig, args)
-    initialize(config.seed)
-    return save_mmcs(config)
+    return run_analysis(MMCSConfig, save_mmcs, args)
 
 
 if __name__ == "__main__":

@@ -41,16 +41,13 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mlsae.analysis.config import AnalysisConfig, cache_path, held_out_batches
-from mlsae.analysis.identity import (
-    OutputOrigin,
-    read_safetensors_origin,
-    replacement_note,
-    source_identity,
-)
+from mlsae.analysis.config import AnalysisConfig
+from mlsae.analysis.identity import read_safetensors_origin
+from mlsae.analysis.run import AnalysedModel, Saved, run_analysis
 from mlsae.analysis.source import LatentBatch, LatentSource
-from mlsae.cli import DataConfig, initialize, parse, run_command
+from mlsae.cli import DataConfig, run_command
 from mlsae.files import atomic_output
+from mlsae.metrics.layers import layer_variance
 
 LATENT_COLUMNS = ("latent", "active_tokens", "token_variance", "aggregate_variance")
 
@@ -145,16 +142,6 @@ class Variances:
             dict(zip(LATENT_COLUMNS, (latent, *values), strict=True))
             for latent, values in enumerate(columns)
         ]
-
-
-def layer_variance(weights: Float[Tensor, "layer ..."]) -> Float[Tensor, "..."]:
-    """The variance of the layer index under `weights` normalised over the first dimension
-    (NaN where the weights sum to 0)."""
-    layers = torch.arange(weights.shape[0], dtype=weights.dtype, device=weights.device)
-    layers = layers.view(-1, *([1] * (weights.ndim - 1)))
-    probs = weights / weights.sum(0)
-    mean = (probs * layers).sum(0)
-    return (probs * (layers - mean) ** 2).sum(0)
 
 
 class VariancesAccumulator:
@@ -269,43 +256,39 @@ def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
         writer.writerows(rows)
 
 
-def save_variances(config: VariancesConfig) -> Variances:
+def save_variances(config: VariancesConfig) -> Saved[Variances]:
     """Compute the variances of the configured model and write them to `config.output_dir`."""
-    repo_id = config.resolved_repo_id()
-    source = config.load_source()
-    variances = collect_variances(
-        source,
-        held_out_batches(config.data, source.tokenizer),
-        total=config.data.max_steps,
-    )
-    summary_path = cache_path(repo_id, "variances", "csv", config.output_dir)
+    model = AnalysedModel.load(config)
+    variances = collect_variances(model.source, model.batches(), total=model.max_steps)
+    summary_path = model.output_path("variances", "csv")
+    latents_path = summary_path.with_name(f"{summary_path.stem}-latents.csv")
     tokens_path = summary_path.with_name(f"{summary_path.stem}-tokens.safetensors")
-    origin = OutputOrigin(model=source_identity(source), repo_id=repo_id)
-    note = replacement_note(tokens_path, read_safetensors_origin(tokens_path), origin)
-    write_csv([{"repo_id": repo_id, **variances.summary()}], summary_path)
-    write_csv(variances.latent_rows(), summary_path.with_name(f"{summary_path.stem}-latents.csv"))
+    notes = model.replacement_notes(tokens_path, read_safetensors_origin(tokens_path))
+    summary = variances.summary()
+    write_csv([{"repo_id": model.repo_id, **summary}], summary_path)
+    write_csv(variances.latent_rows(), latents_path)
     tensors = {
         "token_ids": variances.token_ids.contiguous(),
         "variance": variances.token_variance.contiguous(),
         "n_active": variances.n_active.contiguous(),
     }
     with atomic_output(tokens_path) as partial:
-        save_file(tensors, partial, metadata=origin.to_metadata() or None)
-    if note:
-        print(note)
-    summary = variances.summary()
-    print(
-        f"{repo_id}: mean token variance {summary['mean_token_variance']:.4g}, mean aggregate "
-        f"variance {summary['mean_aggregate_variance']:.4g}, ratio {summary['ratio']:.4g} "
-        f"({summary['tokens']} tokens); written to {summary_path.parent}"
+        save_file(tensors, partial, metadata=model.origin.to_metadata() or None)
+    notes.append(
+        f"{model.repo_id}: mean token variance {summary['mean_token_variance']:.4g}, mean "
+        f"aggregate variance {summary['mean_aggregate_variance']:.4g}, ratio "
+        f"{summary['ratio']:.4g} ({summary['tokens']} tokens)"
     )
-    return variances
+    outputs = [
+        ("the summary", summary_path),
+        ("the variances per latent", latents_path),
+        ("the variances per token", tokens_path),
+    ]
+    return Saved(variances, outputs, notes)
 
 
 def main(args: list[str] | None = None) -> Variances:
-    config = parse(VariancesConfig, args)
-    initialize(config.seed)
-    return save_variances(config)
+    return run_analysis(VariancesConfig, save_variances, args)
 
 
 if __name__ == "__main__":

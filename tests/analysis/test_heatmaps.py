@@ -1,14 +1,16 @@
 import csv
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 
-from mlsae.analysis.heatmaps import main, prompt_latents, tokenize_prompt
-from mlsae.analysis.source import LatentBatch
+from mlsae.analysis.heatmaps import latents_of, main, prompt_latents
+from mlsae.analysis.prompt import PromptError, analyse_prompt
+from mlsae.analysis.source import LatentBatch, load_source
 from mlsae.model.types import TopK
-from tests.analysis import GOLDEN_MODEL, GOLDEN_TRANSFORMER, ScriptedSource, golden_source
+from tests.analysis import GOLDEN_MODEL, GOLDEN_TRANSFORMER, golden_source
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 
@@ -69,52 +71,71 @@ def check_against_dense(result, dense: torch.Tensor, counted: torch.Tensor, thre
 
 
 def test_hand_made_latents_with_a_masked_position():
-    source = ScriptedSource(3, 10, [])
-    n_positions = len(source.tokenizer(PROMPT)["input_ids"])
+    model = golden_source().model
+    analysis = analyse_prompt(model, PROMPT)
+    n_layers, n_positions, k = analysis.values.shape
     generator = torch.Generator().manual_seed(1)
-    mask = torch.ones(1, n_positions, dtype=torch.bool)
-    mask[0, 0] = False
-    batch = LatentBatch(
-        TopK(
-            torch.randn(3, 1, n_positions, 2, generator=generator),
-            torch.rand(3 * n_positions, 10, generator=generator)
-            .argsort(-1)[:, :2]
-            .view(3, 1, n_positions, 2),
-        ),
-        mask,
-    )
-    source._batches = iter([batch])
-    result = prompt_latents(source, PROMPT, threshold=0.5)
+    counted = torch.ones(n_positions, dtype=torch.bool)
+    counted[0] = False
+    values = torch.randn(n_layers, n_positions, k, generator=generator).clamp(min=0)
+    values = values * counted[None, :, None]
+    indices = torch.rand(n_layers * n_positions, 10, generator=generator).argsort(-1)[:, :k]
+    indices = indices.view(n_layers, n_positions, k)
+    by_hand = dataclasses.replace(analysis, values=values, indices=indices, counted=counted)
+    result = latents_of(by_hand, model, threshold=0.5)
     assert "".join(result.tokens) == PROMPT
-    assert result.counted.tolist() == mask[0].tolist()
-    assert result.blocks == [0, 1, 2]
-    check_against_dense(result, dense_activations(batch, 10), mask[0], 0.5)
+    assert result.counted.tolist() == counted.tolist()
+    assert result.blocks == list(range(n_layers))
+    batch = LatentBatch(TopK(values[:, None], indices[:, None]), None)
+    check_against_dense(result, dense_activations(batch, 10), counted, 0.5)
     # Values below the threshold of a firing latent are kept.
     assert ((result.activations > 0) & (result.activations <= 0.5)).any()
 
 
 def test_golden_model_matches_direct_computation():
-    source = golden_source()
-    result = prompt_latents(source, PROMPT)
-    tokens = torch.tensor(source.tokenizer(PROMPT)["input_ids"])
+    model = golden_source().model
+    result = prompt_latents(model, PROMPT)
+    tokens = torch.tensor(model.transformer.tokenizer(PROMPT)["input_ids"])
     assert torch.equal(result.token_ids, tokens)
 
-    model = source.model
     inputs = model.transformer(tokens.unsqueeze(0))
     topk = model.autoencoder.encode(inputs).topk
-    dense = dense_activations(LatentBatch(topk, None), source.n_latents)
+    dense = dense_activations(LatentBatch(topk, None), model.n_latents)
     check_against_dense(result, dense, torch.ones(len(tokens), dtype=torch.bool), 1e-3)
     assert len(result.latents) > 0
 
 
+def test_special_positions_are_left_out():
+    model = load_source(str(GOLDEN_MODEL), "cpu", model_name=str(GOLDEN_TRANSFORMER)).model
+    prompt = "<|endoftext|>" + PROMPT
+    result = prompt_latents(model, prompt)
+    tokens = torch.tensor([model.transformer.tokenizer(prompt)["input_ids"]])
+    counted = tokens[0] != model.transformer.tokenizer.eos_token_id
+    assert not counted[0] and counted[1:].all()
+    assert result.counted.tolist() == counted.tolist()
+    topk = model.autoencoder.encode(model.transformer(tokens)).topk
+    dense = dense_activations(LatentBatch(topk, None), model.n_latents)
+    check_against_dense(result, dense, counted, 1e-3)
+
+
+@pytest.mark.parametrize("prompt", ["Return", "\n", "   "])
+def test_a_one_token_prompt(prompt):
+    model = golden_source().model
+    assert len(model.transformer.tokenizer(prompt)["input_ids"]) == 1
+    result = prompt_latents(model, prompt)
+    assert result.max_activation.shape == (model.n_layers, 1)
+    assert result.tokens == [prompt]
+
+
 def test_invalid_prompts_fail_clearly():
-    source = golden_source()
-    with pytest.raises(ValueError, match="empty"):
-        prompt_latents(source, "")
-    with pytest.raises(ValueError, match="context of 128"):
-        prompt_latents(source, "a b " * 200)
-    with pytest.raises(ValueError, match="context of 4"):
-        tokenize_prompt(source, PROMPT, max_length=4)
+    model = golden_source().model
+    with pytest.raises(PromptError, match="empty"):
+        prompt_latents(model, "")
+    with pytest.raises(PromptError, match=r"has \d+ tokens, more than the 128 "):
+        prompt_latents(model, "a b " * 200)
+    with pytest.raises(PromptError, match="more than the 4"):
+        prompt_latents(model, PROMPT, max_tokens=4)
+    assert issubclass(PromptError, ValueError)  # a user error: one `error:` line, status 2
 
 
 def test_command_writes_json_and_csv(tmp_path):

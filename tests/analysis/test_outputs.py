@@ -16,7 +16,6 @@ from safetensors import safe_open
 
 from mlsae.analysis import dists as dists_module
 from mlsae.analysis import examples_db
-from mlsae.analysis.config import held_out_batches, training_batches
 from mlsae.analysis.dists import Dists, DistsAccumulator, write_layer_std_csv
 from mlsae.analysis.examples import Example, Examples, main, write_db
 from mlsae.analysis.geometry import write_rows
@@ -29,6 +28,7 @@ from mlsae.analysis.identity import (
 from mlsae.analysis.variances import write_csv
 from mlsae.explorer.__main__ import find_examples
 from mlsae.files import DiskFullError
+from mlsae.lm.data import held_out_stream
 from mlsae.trainer.config import DataConfig
 from tests.analysis import (
     CORPUS,
@@ -290,10 +290,9 @@ def test_analysis_loaders_pass_skip_bad_documents(tmp_path):
     (tmp_path / "docs.jsonl").write_text("\n".join(lines))
     config = DataConfig(path=str(tmp_path / "docs.jsonl"), max_length=8, batch_size=2)
     config.skip_bad_documents = True
-    for make in (held_out_batches, training_batches):
-        loader = make(config, golden_tokenizer())
-        assert loader.dataset.skip_bad_documents
-        assert len(list(loader)) > 0 and loader.dataset.skipped_documents == 1
+    loader = held_out_stream(config, golden_tokenizer())
+    assert loader.dataset.skip_bad_documents
+    assert len(list(loader)) > 0 and loader.dataset.skipped_documents == 1
 
 
 def test_help_lists_skip_bad_documents(capsys):

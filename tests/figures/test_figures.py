@@ -23,9 +23,9 @@ from figures import (
     test_tables,
 )
 from figures.common import describe_model, model_label
-from mlsae.analysis.config import cache_path
 from mlsae.analysis.dists import Dists
 from mlsae.analysis.heatmaps import prompt_latents
+from mlsae.names import cache_path
 from tests.analysis import CORPUS, GOLDEN_MODEL, GOLDEN_TRANSFORMER, golden_source
 
 REPO_ID = "someone/mlsae-fake-x2-k1-tfm"

@@ -13,6 +13,8 @@ from mlsae.model.autoencoder import (
 )
 from mlsae.model.geom_median import geometric_median
 from mlsae.model.hub import CheckpointError
+from mlsae.model.losses import mlsae_loss
+from mlsae.model.reference import ReferenceSAE
 from mlsae.model.types import TopK
 from tests.goldens import GOLDENS, load_golden
 
@@ -33,13 +35,11 @@ def dense(topk: TopK, n_latents: int) -> torch.Tensor:
 
 
 def reference_forward(x, encoder, decoder, bias, k):
-    """The forward pass written out densely, independently of the library."""
-    mean = x.mean(-1, keepdim=True)
-    std = (x - mean).std(-1, keepdim=True)
-    pre = ((x - mean) / (std + 1e-5) - bias) @ encoder.T
-    values, indices = pre.topk(k, dim=-1)
-    latents = torch.zeros_like(pre).scatter(-1, indices, values.relu())
-    return latents, (latents @ decoder.T + bias) * std + mean
+    """The forward pass by the dense reference: dense latents and reconstructions."""
+    reference = ReferenceSAE(encoder, decoder, bias, k, auxk=None)
+    out = reference(x)
+    latents = torch.zeros(*x.shape[:-1], encoder.shape[0]).scatter(-1, out.indices, out.values)
+    return latents, out.recons
 
 
 def test_golden_checkpoint_forward(golden, trained):
@@ -226,36 +226,29 @@ def test_decoder_gradient_projection_needs_a_gradient():
         unit_norm_decoder_gradient(torch.nn.Linear(8, 4, bias=False))
 
 
-def test_gradients_equal_dense_autograd_reference():
+@pytest.mark.parametrize("backend", [None, "native", "fused", "sparse", "dense"])
+def test_loss_and_gradients_equal_the_dense_reference(backend):
+    """Each backend's loss and gradients against `mlsae.model.reference.ReferenceSAE`."""
     torch.manual_seed(0)
-    model = MLSAE(16, 64, 4, auxk=8, dead_tokens_threshold=10)
+    model = MLSAE(16, 256, 4, auxk=8, dead_tokens_threshold=10)
+    model.backend = backend
     with torch.no_grad():
         model.pre_encoder_bias.normal_(0, 0.1)
-    model.update_dead_latents(torch.arange(64) % 2, 10)  # odd latents stay live
+    model.update_dead_latents(torch.arange(256) % 2, 10)  # odd latents stay live
     x = torch.randn(2, 3, 5, 16)
-    out = model.forward_standardized(x)
-    loss = out.output.recons.pow(2).sum() + out.output.auxk_recons.sin().sum()
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-
-    encoder = model.encoder.weight.detach().clone().requires_grad_()
-    decoder = model.decoder.weight.detach().clone().requires_grad_()
-    bias = model.pre_encoder_bias.detach().clone().requires_grad_()
-    mean = x.mean(-1, keepdim=True)
-    std = (x - mean).std(-1, keepdim=True)
-    pre = ((x - mean) / (std + 1e-5) - bias) @ encoder.T
-    topk = pre.topk(4, dim=-1)
-    latents = torch.zeros_like(pre).scatter(-1, topk.indices, topk.values.relu())
-    dead = model.dead_mask
-    dead_pre = pre.masked_fill(~dead, float("-inf"))
-    auxk = dead_pre.topk(8, dim=-1)
-    auxk_latents = torch.zeros_like(pre).scatter(-1, auxk.indices, auxk.values.relu())
-    recons = (latents @ decoder.T + bias) * std + mean
-    reference = recons.pow(2).sum() + (auxk_latents @ decoder.T).sin().sum()
-    reference.backward()
-    torch.testing.assert_close(grads["encoder.weight"], encoder.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grads["decoder.weight"], decoder.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grads["pre_encoder_bias"], bias.grad, rtol=1e-4, atol=1e-5)
+    mask = torch.rand(3, 5) > 0.3
+    reference = ReferenceSAE.from_mlsae(model)
+    expected = reference.loss(x, model.dead_mask, 1 / 32, mask)
+    expected.backward()
+    loss = mlsae_loss(x, model.forward_standardized(x), mask, 1 / 32)
+    loss.total.backward()
+    torch.testing.assert_close(loss.total, expected.detach(), rtol=1e-5, atol=1e-6)
+    for name, ours, theirs in [
+        ("encoder", model.encoder.weight.grad, reference.encoder.grad),
+        ("decoder", model.decoder.weight.grad, reference.decoder.grad),
+        ("bias", model.pre_encoder_bias.grad, reference.pre_encoder_bias.grad),
+    ]:
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_auxk_selects_only_dead_latents():
@@ -363,3 +356,13 @@ def test_encode_returns_pre_relu_values_and_stats():
     torch.testing.assert_close(encoded.stats.mean, x.mean(-1, keepdim=True))
     recons = model.decode(TopK(encoded.topk.values.relu(), encoded.topk.indices), encoded.stats)
     torch.testing.assert_close(recons, model(x).recons)
+
+
+def test_the_dense_reference_reproduces_the_golden_forward(golden, trained):
+    """`ReferenceSAE` on the trained checkpoint's weights gives the original's outputs."""
+    reference = ReferenceSAE.from_mlsae(trained)
+    with torch.no_grad():
+        out = reference(golden["x"])
+    torch.testing.assert_close(out.recons, golden["fwd.recons"], rtol=1e-5, atol=1e-5)
+    indices, order = out.indices.sort(dim=-1)
+    torch.testing.assert_close(indices, golden["fwd.topk_indices"])

@@ -1,0 +1,118 @@
+"""The MLSAE written with dense tensors and autograd: the reference the tests and the
+benchmarks compare the library's fast paths with.
+
+It holds its own copies of the weights (`from_mlsae`), computes every pre-activation, selects
+with `torch.topk`, decodes with a dense matmul and leaves the gradients to autograd, so its
+values and gradients follow from the formulas alone.
+"""
+
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+
+class ReferenceOutput(NamedTuple):
+    """The dense forward's tensors (leading shape of the inputs)."""
+
+    values: Float[Tensor, "... k"]
+    """The top-k pre-activations, after ReLU."""
+
+    indices: Int[Tensor, "... k"]
+    recons: Float[Tensor, "... n_inputs"]
+    """The reconstructions, in the space of the inputs."""
+
+    inputs_std: Float[Tensor, "... n_inputs"]
+    recons_std: Float[Tensor, "... n_inputs"]
+    """`W_dec relu(topk) + b`, before un-standardisation."""
+
+    auxk_recons: Float[Tensor, "... n_inputs"] | None
+    """`W_dec relu(auxk)` (no bias), None without dead latents or AuxK."""
+
+
+class ReferenceSAE(nn.Module):
+    """The parameters of `MLSAE` (encoder, decoder, pre-encoder bias) with a dense forward."""
+
+    def __init__(
+        self,
+        encoder: Float[Tensor, "n_latents n_inputs"],
+        decoder: Float[Tensor, "n_inputs n_latents"],
+        bias: Float[Tensor, " n_inputs"],
+        k: int,
+        auxk: int | None,
+        standardize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.encoder = nn.Parameter(encoder.detach().clone())
+        self.decoder = nn.Parameter(decoder.detach().clone())
+        self.pre_encoder_bias = nn.Parameter(bias.detach().clone())
+        self.k, self.auxk, self.standardize = k, auxk, standardize
+
+    @classmethod
+    def from_mlsae(cls, sae: nn.Module, dtype: torch.dtype | None = None) -> "ReferenceSAE":
+        """A reference with copies of `sae`'s weights (in `dtype`, e.g. float64)."""
+        reference = cls(
+            sae.encoder.weight, sae.decoder.weight, sae.pre_encoder_bias, sae.k, sae.auxk,
+            sae.standardize,
+        )  # fmt: skip
+        return reference if dtype is None else reference.to(dtype)
+
+    def forward(
+        self, x: Float[Tensor, "... n_inputs"], dead: Bool[Tensor, " n_latents"] | None = None
+    ) -> ReferenceOutput:
+        mean = std = None
+        inputs_std = x
+        if self.standardize:
+            mean = x.mean(-1, keepdim=True)
+            std = (x - mean).std(-1, keepdim=True)
+            inputs_std = (x - mean) / (std + 1e-5)
+        pre = (inputs_std - self.pre_encoder_bias) @ self.encoder.T
+        values, indices = pre.topk(self.k, dim=-1)
+        values = values.relu()
+        recons_std = self._decode(pre, values, indices) + self.pre_encoder_bias
+        recons = recons_std if std is None else recons_std * std + mean
+        auxk_recons = None
+        n_dead = 0 if dead is None or self.auxk is None else int(dead.sum())
+        if n_dead:
+            dead_pre = pre.masked_fill(~dead, float("-inf"))
+            auxk_values, auxk_indices = dead_pre.topk(min(self.auxk, n_dead), dim=-1)
+            auxk_recons = self._decode(pre, auxk_values.relu(), auxk_indices)
+        return ReferenceOutput(values, indices, recons, inputs_std, recons_std, auxk_recons)
+
+    def _decode(self, pre: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+        latents = torch.zeros_like(pre).scatter(-1, indices, values)
+        return latents @ self.decoder.T
+
+    def loss(
+        self,
+        x: Float[Tensor, "layer batch pos n_inputs"],
+        dead: Bool[Tensor, " n_latents"] | None = None,
+        auxk_coef: float = 1 / 32,
+        mask: Bool[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, ""]:
+        """The training loss, written out: per layer, the FVU over the positions that count
+        (`mask`), averaged over layers; plus `auxk_coef` times AuxK's squared error against
+        the detached residual error over that error's variance, averaged over layers."""
+        out = self.forward(x, dead)
+        keep = torch.ones(x.shape[1:3], dtype=torch.bool) if mask is None else mask
+        error = (out.inputs_std - out.recons_std).detach()
+        fvus, auxks = [], []
+        for layer in range(x.shape[0]):
+            inputs, recons = x[layer][keep], out.recons[layer][keep]
+            fvus.append((recons - inputs).pow(2).mean() / inputs.flatten().var())
+            if out.auxk_recons is not None:
+                e, a = error[layer][keep], out.auxk_recons[layer][keep]
+                variance = (e - e.mean(0)).pow(2).sum()
+                auxks.append(torch.nan_to_num((a - e).pow(2).sum() / variance, nan=0.0))
+        loss = torch.stack(fvus).mean()
+        if auxks:
+            loss = loss + auxk_coef * torch.stack(auxks).mean()
+        return loss
+
+    @torch.no_grad()
+    def maintain_decoder(self) -> None:
+        """Unit-norm decoder columns, then the gradient without its component along them."""
+        self.decoder.div_(self.decoder.norm(dim=0, keepdim=True))
+        grad = self.decoder.grad
+        grad.sub_((grad * self.decoder).sum(dim=0, keepdim=True) * self.decoder)
