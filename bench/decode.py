@@ -57,8 +57,8 @@ def main() -> None:
     if args.triton_interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mlsae.model.decoder import decode
-    from mlsae.model.types import TopK
+    from mlsae.sparse.decoder import decode
+    from mlsae.types import TopK
 
     backends = ["dense", "embedding_bag", "embedding_bag_autograd"]
     if device.type == "cuda" or args.triton_interpret:

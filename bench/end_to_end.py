@@ -30,12 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mlsae.model.encoder as encoder_module  # noqa: E402
 import torch  # noqa: E402
-from mlsae.model.optim import make_adam  # noqa: E402
 from torchmetrics import MetricCollection  # noqa: E402
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
+import mlsae.sparse.encoder as encoder_module  # noqa: E402
 from bench.common import machine_note  # noqa: E402
 from mlsae.lm.transformer import Transformer  # noqa: E402
 from mlsae.metrics import (  # noqa: E402
@@ -46,8 +45,10 @@ from mlsae.metrics import (  # noqa: E402
     LayerwiseMSE,
     LayerwiseWrapper,
 )
-from mlsae.model.autoencoder import MLSAE, maintain_decoder  # noqa: E402
+from mlsae.model.autoencoder import MLSAE  # noqa: E402
 from mlsae.model.losses import auxk_loss, layerwise_fvu  # noqa: E402
+from mlsae.model.maintenance import maintain_decoder  # noqa: E402
+from mlsae.sparse import make_adam  # noqa: E402
 
 PYTHIA_70M = dict(
     hidden_size=512,
@@ -127,9 +128,9 @@ def main() -> None:
     fast_topk = encoder_module.fast_topk
     topk_time = [0.0]
 
-    def timed_topk(x, k):
+    def timed_topk(x, k, use_native=False):
         start = time.perf_counter()
-        result = fast_topk(x, k)
+        result = fast_topk(x, k, use_native)
         topk_time[0] += time.perf_counter() - start
         return result
 

@@ -49,14 +49,15 @@ from bench.common import (  # noqa: E402
     reset_peak_rss,
     run_isolated,
 )
-from bench.reference import ReferenceSAE, reference_step  # noqa: E402
-from mlsae.model import fused  # noqa: E402
-from mlsae.model.autoencoder import MLSAE, maintain_decoder  # noqa: E402
-from mlsae.model.decoder import decode  # noqa: E402
-from mlsae.model.encoder import select_latents  # noqa: E402
-from mlsae.model.losses import auxk_loss, layerwise_fvu  # noqa: E402
-from mlsae.model.optim import make_adam  # noqa: E402
-from mlsae.model.types import TopK  # noqa: E402
+from bench.reference import OriginalStyleSAE, reference_step  # noqa: E402
+from mlsae.model.autoencoder import MLSAE  # noqa: E402
+from mlsae.model.losses import mlsae_loss as library_loss  # noqa: E402
+from mlsae.model.maintenance import maintain_decoder  # noqa: E402
+from mlsae.model.reference import ReferenceSAE  # noqa: E402
+from mlsae.sparse import fused, fused_backward, make_adam  # noqa: E402
+from mlsae.sparse.decoder import decode  # noqa: E402
+from mlsae.sparse.encoder import select_latents  # noqa: E402
+from mlsae.types import TopK  # noqa: E402
 
 SHAPES = [
     # n_inputs, n_latents, (layers, batch, pos), k, auxk
@@ -111,13 +112,7 @@ def make_mlsae(encoder, decoder, bias, dead, k, auxk) -> MLSAE:
 
 
 def mlsae_loss(model: MLSAE, x: torch.Tensor) -> torch.Tensor:
-    result = model.forward_standardized(x)
-    output = result.output
-    loss = layerwise_fvu(x, output.recons).mean()
-    if output.auxk is not None and output.auxk.values.shape[-1] > 0:
-        error = result.inputs - result.recons
-        loss = loss + AUXK_COEF * auxk_loss(error, output.auxk_recons)
-    return loss
+    return library_loss(x, model.forward_standardized(x), None, AUXK_COEF).total
 
 
 def mlsae_step(model: MLSAE, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> None:
@@ -137,7 +132,7 @@ def check_parity(x, encoder, decoder, bias, dead, k, auxk) -> dict[str, float]:
     reference = ReferenceSAE(encoder, decoder, bias, k, auxk)
     loss = mlsae_loss(model, x)
     loss.backward()
-    loss_ref = reference.loss(x, dead, AUXK_COEF, sparse_coo=False)
+    loss_ref = reference.loss(x, dead, AUXK_COEF)
     loss_ref.backward()
     pairs = {
         "encoder": (model.encoder.weight.grad, reference.encoder.grad),
@@ -232,18 +227,20 @@ def make_step_decode(encoder, decoder, flat, dead, k, auxk):
     backward), plus the dense AuxK products where the forward took them."""
     dead_indices = dead.nonzero().squeeze(-1)
     values, indices, auxk_values, auxk_indices = select_latents(
-        flat, encoder, k, auxk, dead_indices if dead_indices.numel() else None
+        flat, encoder, k, auxk, dead_indices if dead_indices.numel() else None, True
     )
     topk = TopK(values.relu(), indices)
     aux = TopK(auxk_values.relu(), auxk_indices)
     table = decoder.t().contiguous()  # latent-major, as MLSAE stores it
     grad, grad_aux = torch.randn_like(flat), torch.randn_like(flat)
-    needs = fused.Needs(inputs=False, bias=False, encoder=False, decoder=True)
+    needs = fused_backward.Needs(inputs=False, bias=False, encoder=False, decoder=True)
 
     def run() -> None:
         _, _, dense_auxk = fused.decode_selections(table, topk, aux, dead_indices)
-        selection = fused.Selection(flat, encoder, table, *topk, *aux)
-        fused.selection_gradients(needs, selection, dense_auxk, None, None, grad, grad_aux)
+        selection = fused_backward.Selection(flat, encoder, table, *topk, *aux)
+        fused_backward.selection_gradients(
+            needs, selection, dense_auxk, True, None, None, grad, grad_aux
+        )
 
     return run
 
@@ -289,13 +286,14 @@ def build_functions(names, x, encoder, decoder, bias, dead, k, auxk):
     keep.append(opt)
     functions["floor"], functions["floor_prealloc"] = floor, floor_preallocated
     functions["matmul"] = matmul
-    for name, fused_adam, coo in (("dense", True, False), ("original", False, True)):
+    for name, fused_adam, kind in (
+        ("dense", True, ReferenceSAE),
+        ("original", False, OriginalStyleSAE),
+    ):
         if name in names:
-            sae = ReferenceSAE(encoder, decoder, bias, k, auxk)
+            sae = kind(encoder, decoder, bias, k, auxk)
             opt = torch.optim.Adam(sae.parameters(), lr=LR, eps=EPS, fused=fused_adam)
-            functions[name] = lambda s=sae, o=opt, c=coo: reference_step(
-                s, o, x, dead, AUXK_COEF, c
-            )
+            functions[name] = lambda s=sae, o=opt: reference_step(s, o, x, dead, AUXK_COEF)
     if "sparsify" in names:
         coder, opt = make_sparsify(encoder, decoder, bias, k)
         functions["sparsify"] = lambda c=coder, o=opt: sparsify_step(c, o, flat, dead)

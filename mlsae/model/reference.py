@@ -95,19 +95,20 @@ class ReferenceSAE(nn.Module):
         (`mask`), averaged over layers; plus `auxk_coef` times AuxK's squared error against
         the detached residual error over that error's variance, averaged over layers."""
         out = self.forward(x, dead)
-        keep = torch.ones(x.shape[1:3], dtype=torch.bool) if mask is None else mask
-        error = (out.inputs_std - out.recons_std).detach()
-        fvus, auxks = [], []
-        for layer in range(x.shape[0]):
-            inputs, recons = x[layer][keep], out.recons[layer][keep]
-            fvus.append((recons - inputs).pow(2).mean() / inputs.flatten().var())
-            if out.auxk_recons is not None:
-                e, a = error[layer][keep], out.auxk_recons[layer][keep]
-                variance = (e - e.mean(0)).pow(2).sum()
-                auxks.append(torch.nan_to_num((a - e).pow(2).sum() / variance, nan=0.0))
-        loss = torch.stack(fvus).mean()
-        if auxks:
-            loss = loss + auxk_coef * torch.stack(auxks).mean()
+        w = x.new_ones(1, *x.shape[1:3], 1) if mask is None else mask.to(x.dtype)[None, ..., None]
+        n_vectors = w.sum()
+        n_elements = n_vectors * x.shape[-1]
+        mse = ((out.recons - x).pow(2) * w).sum(dim=(1, 2, 3)) / n_elements
+        mean = (x * w).sum(dim=(1, 2, 3), keepdim=True) / n_elements
+        variance = ((x - mean).pow(2) * w).sum(dim=(1, 2, 3)) / (n_elements - 1)
+        loss = (mse / variance).mean()
+        if out.auxk_recons is not None:
+            error = (out.inputs_std - out.recons_std).detach()
+            error_mean = (error * w).sum(dim=(1, 2), keepdim=True) / n_vectors
+            squared = ((out.auxk_recons - error).pow(2) * w).sum(dim=(1, 2, 3))
+            error_variance = ((error - error_mean).pow(2) * w).sum(dim=(1, 2, 3))
+            auxk = torch.nan_to_num(squared / error_variance, nan=0.0, posinf=0.0).mean()
+            loss = loss + auxk_coef * auxk
         return loss
 
     @torch.no_grad()
