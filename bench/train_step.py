@@ -50,6 +50,7 @@ from bench.common import (  # noqa: E402
     run_isolated,
 )
 from bench.reference import OriginalStyleSAE, reference_step  # noqa: E402
+from bench.sparsify_step import make_sparsify, sparsify_step  # noqa: E402
 from mlsae.model.autoencoder import MLSAE  # noqa: E402
 from mlsae.model.losses import mlsae_loss as library_loss  # noqa: E402
 from mlsae.model.maintenance import maintain_decoder  # noqa: E402
@@ -145,28 +146,6 @@ def check_parity(x, encoder, decoder, bias, dead, k, auxk) -> dict[str, float]:
         result[f"{name}_grad_max_rel_diff"] = (ours - ref).abs().max().item() / scale
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * scale)
     return result
-
-
-def make_sparsify(encoder, decoder, bias, k):
-    from sparsify import SparseCoder, SparseCoderConfig
-
-    n_latents, n_inputs = encoder.shape
-    coder = SparseCoder(n_inputs, SparseCoderConfig(num_latents=n_latents, k=k))
-    with torch.no_grad():
-        coder.encoder.weight.copy_(encoder)
-        coder.W_dec.copy_(decoder.t())
-        coder.b_dec.copy_(bias)
-    return coder, torch.optim.Adam(coder.parameters(), lr=LR, eps=EPS)
-
-
-def sparsify_step(coder, optimizer, flat: torch.Tensor, dead: torch.Tensor) -> None:
-    out = coder(flat, dead_mask=dead)
-    loss = out.fvu + AUXK_COEF * out.auxk_loss
-    loss.backward()
-    coder.remove_gradient_parallel_to_decoder_directions()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    coder.set_decoder_norm_to_unit_norm()
 
 
 def make_floor(encoder, decoder, bias, flat: torch.Tensor):
@@ -295,8 +274,8 @@ def build_functions(names, x, encoder, decoder, bias, dead, k, auxk):
             opt = torch.optim.Adam(sae.parameters(), lr=LR, eps=EPS, fused=fused_adam)
             functions[name] = lambda s=sae, o=opt: reference_step(s, o, x, dead, AUXK_COEF)
     if "sparsify" in names:
-        coder, opt = make_sparsify(encoder, decoder, bias, k)
-        functions["sparsify"] = lambda c=coder, o=opt: sparsify_step(c, o, flat, dead)
+        coder, opt = make_sparsify(encoder, decoder, bias, k, LR, EPS)
+        functions["sparsify"] = lambda c=coder, o=opt: sparsify_step(c, o, flat, dead, AUXK_COEF)
     if "decode" in names:
         functions["decode"] = make_decode(encoder, decoder, flat, dead, k, auxk)
     if "step_decode" in names:

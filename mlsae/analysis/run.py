@@ -78,8 +78,8 @@ def save_and_report(config: C, save: Callable[[C], Saved[R]]) -> R:
     """
     if pushes_to_hub(config) and getattr(config, "hub_suffix", None) is None:
         raise ConfigError(
-            f"--push_to_hub: {type(config).__name__} has no hub dataset to push; "
-            "leave the option out"
+            "--push_to_hub: this analysis publishes no hub dataset; leave the option out "
+            "(its outputs go to --output_dir)"
         )
     saved = save(config)
     for note in saved.notes:

@@ -14,6 +14,25 @@ from tests.goldens import GOLDENS
 
 PROMPT = "The cat sat on the mat."
 
+PROMPT_ROUTES = [
+    ("/api/tokenize", {}),
+    ("/api/metrics", {}),
+    ("/api/activations", {}),
+    ("/api/latent", {"latent": 0}),
+    ("/api/histograms", {}),
+    ("/api/logits", {}),
+    ("/api/logits/reconstruction", {"layer": 0}),
+    ("/api/logits/steering", {"latent": 0, "layer": 0}),
+    ("/api/py/prompt/tokens", {}),
+    ("/api/py/prompt/metrics", {}),
+    ("/api/py/prompt/latent-activations", {}),
+    ("/api/py/prompt/layer-histograms", {}),
+    ("/api/py/prompt/logits-input", {}),
+    ("/api/py/prompt/logits-recon", {"layer": 0}),
+    ("/api/py/prompt/logits-steer", {"latent": 0, "layer": 0, "factor": 1}),
+]
+"""Every route that takes a prompt, with the other fields it needs."""
+
 TEXTS = [
     PROMPT,
     "A dog ran in the park and the cat watched.",

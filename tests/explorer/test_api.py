@@ -1,5 +1,6 @@
 """The explorer's HTTP API on a tiny model, through FastAPI's test client."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from mlsae.explorer.service import LRUCache
 from mlsae.model.autoencoder import standardize
 from mlsae.model.lightning import MLSAETransformer
 from mlsae.model.losses import layerwise_fvu
-from tests.explorer.conftest import PROMPT, local_client, tiny_model
+from tests.explorer.conftest import PROMPT, PROMPT_ROUTES, local_client, tiny_model
 
 N_LAYERS, N_LATENTS, K = 4, 96, 4
 
@@ -360,16 +361,67 @@ def test_malformed_json_is_a_json_4xx(bare_client: TestClient) -> None:
     assert response.json()["detail"]
 
 
-def test_a_prompt_that_fills_the_context_is_accepted(
-    bare_client: TestClient, model: MLSAETransformer
-) -> None:
+def context_filling_prompt(model: MLSAETransformer) -> str:
+    """A prompt of exactly the tiny model's 128 tokens."""
     tokenizer = model.transformer.tokenizer
     prompt = tokenizer.decode(tokenizer("ab " * 200)["input_ids"][:128])
     assert len(tokenizer(prompt)["input_ids"]) == 128
+    return prompt
+
+
+def test_a_prompt_that_fills_the_context_is_accepted(
+    bare_client: TestClient, model: MLSAETransformer
+) -> None:
+    prompt = context_filling_prompt(model)
     assert bare_client.post("/api/activations", json={"prompt": prompt}).status_code == 200
     longer = bare_client.post("/api/activations", json={"prompt": prompt + " ab"})
     assert longer.status_code == 422
     assert "128" in longer.json()["detail"]
+
+
+# Prompts of every length ---------------------------------------------------------------------
+
+PROMPTS_BY_LENGTH = {
+    "Return": ("Return", 1),
+    "newline": ("\n", 1),
+    "three spaces": ("   ", 1),
+    "a special token alone": ("<|endoftext|>", 1),
+    "two tokens": ("a b", 2),
+    "the full context": (None, 128),
+}
+"""A prompt (None: `context_filling_prompt`) and its number of tokens."""
+
+
+@pytest.fixture(scope="module")
+def shared_client(model: MLSAETransformer) -> TestClient:
+    """One server for many requests, so that each prompt runs the model once."""
+    return local_client(create_app(model), raise_server_exceptions=False)
+
+
+def strict_json(text: str) -> object:
+    """The JSON of `text`, refusing the NaN and Infinity that JSON does not have."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("length", list(PROMPTS_BY_LENGTH))
+@pytest.mark.parametrize(("path", "extra"), PROMPT_ROUTES)
+def test_every_prompt_route_answers_prompts_of_every_length(
+    shared_client: TestClient, model: MLSAETransformer, path: str, extra: dict, length: str
+) -> None:
+    prompt, n_tokens = PROMPTS_BY_LENGTH[length]
+    prompt = context_filling_prompt(model) if prompt is None else prompt
+    assert token_ids(model, prompt).shape[1] == n_tokens
+    response = shared_client.post(path, json={"prompt": prompt, **extra})
+    assert response.status_code == 200, response.text
+    body = strict_json(response.text)
+    if path == "/api/tokenize":
+        assert len(body["tokens"]) == n_tokens
+    if path == "/api/py/prompt/latent-activations":
+        assert len(body["values"][0]) == n_tokens
 
 
 # Caching -------------------------------------------------------------------------------------
@@ -392,9 +444,15 @@ class Counter:
 def test_one_forward_pass_per_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model()
     stream_calls = Counter(monkeypatch, model, "residual_stream")
+    autoencoder_calls = Counter(monkeypatch, model.autoencoder, "forward")
     splice_calls = Counter(monkeypatch, model.transformer, "forward_at_layer")
     client = local_client(create_app(model))
+    post(client, "/api/metrics", prompt=PROMPT)  # a splice per layer, once
+    post(client, "/api/py/prompt/metrics", prompt=PROMPT)
+    splice_calls.calls = 0
     for _ in range(3):
+        post(client, "/api/metrics", prompt=PROMPT)
+        post(client, "/api/py/prompt/metrics", prompt=PROMPT)
         post(client, "/api/tokenize", prompt=PROMPT)
         post(client, "/api/activations", prompt=PROMPT)
         post(client, "/api/latent", prompt=PROMPT, latent=5)
@@ -404,6 +462,7 @@ def test_one_forward_pass_per_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
         post(client, "/api/logits/reconstruction", prompt=PROMPT, layer=1)
         post(client, "/api/logits/steering", prompt=PROMPT, layer=1, latent=2, factor=2.0)
     assert stream_calls.calls == 1
+    assert autoencoder_calls.calls == 1
     assert splice_calls.calls == 2  # one reconstruction, one steering
 
     post(client, "/api/logits/reconstruction", prompt=PROMPT, layer=2)

@@ -13,27 +13,9 @@ from mlsae.explorer.__main__ import build_app, parse_args
 from mlsae.explorer.guards import DEFAULT_MAX_BODY_BYTES
 from mlsae.explorer.service import ExplorerInputError, ExplorerService
 from mlsae.model.lightning import MLSAETransformer
-from tests.explorer.conftest import PROMPT, local_client
+from tests.explorer.conftest import PROMPT, PROMPT_ROUTES, local_client
 
 JSON = {"Content-Type": "application/json"}
-
-PROMPT_ROUTES = [
-    ("/api/tokenize", {}),
-    ("/api/metrics", {}),
-    ("/api/activations", {}),
-    ("/api/latent", {"latent": 0}),
-    ("/api/histograms", {}),
-    ("/api/logits", {}),
-    ("/api/logits/reconstruction", {"layer": 0}),
-    ("/api/logits/steering", {"latent": 0, "layer": 0}),
-    ("/api/py/prompt/tokens", {}),
-    ("/api/py/prompt/metrics", {}),
-    ("/api/py/prompt/latent-activations", {}),
-    ("/api/py/prompt/layer-histograms", {}),
-    ("/api/py/prompt/logits-input", {}),
-    ("/api/py/prompt/logits-recon", {"layer": 0}),
-    ("/api/py/prompt/logits-steer", {"latent": 0, "layer": 0, "factor": 1}),
-]
 
 
 @pytest.fixture

@@ -261,7 +261,7 @@ def test_prompt_heatmap_matches_prompt_latents(tmp_path):
     )
     assert csv_path.name == "prompt_heatmap_mlsae-tfm-trained.csv"
     assert_image(png_path)
-    expected = prompt_latents(golden_source(), prompt)
+    expected = prompt_latents(golden_source().model, prompt)
     rows = read_rows(csv_path)
     n_layers, n_positions = expected.max_activation.shape
     assert len(rows) == n_layers * n_positions
