@@ -82,3 +82,9 @@ def test_no_python_file_over_400_lines():
         str(p.relative_to(ROOT)): n for p in checked if (n := len(p.read_text().splitlines())) > 400
     }
     assert not long, long
+
+
+def test_every_package_is_a_regular_package():
+    """setuptools installs only folders with an `__init__.py`."""
+    folders = {path.parent for path in ROOT.glob("mlsae/**/*.py")}
+    assert not [str(f) for f in folders if not (f / "__init__.py").is_file()]
