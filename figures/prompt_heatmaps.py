@@ -20,6 +20,7 @@ import numpy as np
 from figures.common import SweepConfig, new_figure, parse_config, save_figure
 from mlsae.analysis.heatmaps import DEFAULT_PROMPT, PromptLatents, prompt_latents
 from mlsae.analysis.source import load_source
+from mlsae.metrics import FIRING_THRESHOLD
 
 
 @dataclass
@@ -29,7 +30,7 @@ class PromptHeatmapsConfig(SweepConfig):
     prompt: str = DEFAULT_PROMPT
     """The text to analyse."""
 
-    threshold: float = 1e-3
+    threshold: float = FIRING_THRESHOLD
     """The activation (after ReLU) above which a latent counts as firing."""
 
     count_special_tokens: bool = False

@@ -11,7 +11,7 @@ from simple_parsing import field
 
 from mlsae.analysis.source import MLSAESource, load_source
 from mlsae.cli import DataConfig
-from mlsae.names import cache_path, derived_name, get_repo_id  # noqa: F401 (see below)
+from mlsae.names import get_repo_id
 from mlsae.utils import get_device
 
 DEFAULT_MODEL_NAME = "EleutherAI/pythia-70m-deduped"
@@ -81,7 +81,3 @@ class AnalysisConfig:
             count_special_tokens=self.count_special_tokens,
             model_name=model_name,
         )
-
-
-# `cache_path` and `derived_name` live in `mlsae.names`; they stay importable from here
-# until the modules that import them from here import them from there.

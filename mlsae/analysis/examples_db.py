@@ -22,9 +22,9 @@ from typing import Any, NamedTuple
 import datasets
 from tqdm.auto import tqdm
 
-from mlsae.analysis.config import cache_path, derived_name
 from mlsae.analysis.identity import OutputOrigin, check_origin, resolve_identity
 from mlsae.files import atomic_output
+from mlsae.names import cache_path, derived_name
 
 COLUMNS = ("id", "latent", "layer", "token_id", "token", "act", "token_ids", "tokens", "acts")
 """The columns of a published `-examples` dataset and of the SQLite table."""

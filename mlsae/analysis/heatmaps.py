@@ -24,10 +24,12 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mlsae.analysis.config import AnalysisConfig, cache_path
+from mlsae.analysis.config import AnalysisConfig
 from mlsae.analysis.prompt import PromptAnalysis, analyse_prompt, mean_layer
-from mlsae.cli import initialize, parse, run_command
+from mlsae.analysis.run import AnalysedModel, Saved, run_analysis
+from mlsae.cli import run_command
 from mlsae.files import atomic_output
+from mlsae.metrics import FIRING_THRESHOLD
 from mlsae.model.lightning import MLSAETransformer
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -42,7 +44,7 @@ class HeatmapsConfig(AnalysisConfig):
     prompt: str = DEFAULT_PROMPT
     """The text to analyse."""
 
-    threshold: float = 1e-3
+    threshold: float = FIRING_THRESHOLD
     """The activation (after ReLU) above which a latent counts as firing."""
 
 
@@ -134,7 +136,7 @@ def firing_latents(
 
 
 def latents_of(
-    analysis: PromptAnalysis, model: MLSAETransformer, threshold: float = 1e-3
+    analysis: PromptAnalysis, model: MLSAETransformer, threshold: float = FIRING_THRESHOLD
 ) -> PromptLatents:
     """The latents of an analysed prompt (see `PromptLatents`)."""
     values, counted = analysis.values.float(), analysis.counted
@@ -163,7 +165,7 @@ def latents_of(
 def prompt_latents(
     model: MLSAETransformer,
     prompt: str,
-    threshold: float = 1e-3,
+    threshold: float = FIRING_THRESHOLD,
     max_tokens: int | None = None,
 ) -> PromptLatents:
     """The latents of `model` on `prompt` (see `PromptLatents`). `max_tokens` bounds the
@@ -198,24 +200,25 @@ def write_prompt_latents(result: PromptLatents, stem: str | os.PathLike[str]) ->
     return [json_path, max_path, latents_path]
 
 
-def save_prompt_latents(config: HeatmapsConfig) -> PromptLatents:
+def save_prompt_latents(config: HeatmapsConfig) -> Saved[PromptLatents]:
     """Analyse `config.prompt` with the configured model and write the results."""
-    repo_id = config.resolved_repo_id()
-    model = config.load_source().model
-    result = prompt_latents(model, config.prompt, config.threshold)
-    stem = cache_path(repo_id, "prompt", "json", config.output_dir).with_suffix("")
-    paths = write_prompt_latents(result, stem)
-    print(
-        f"{len(result.tokens)} tokens, {len(result.latents)} latents fire; "
-        f"written to {', '.join(map(str, paths))}"
+    model = AnalysedModel.load(config)
+    result = prompt_latents(model.source.model, config.prompt, config.threshold)
+    stem = model.output_path("prompt", "json").with_suffix("")
+    json_path, max_path, latents_path = write_prompt_latents(result, stem)
+    return Saved(
+        result,
+        [
+            ("the prompt's latents", json_path),
+            ("the largest activation per layer and position", max_path),
+            ("every firing", latents_path),
+        ],
+        [f"{len(result.tokens)} tokens, {len(result.latents)} latents fire"],
     )
-    return result
 
 
 def main(args: list[str] | None = None) -> PromptLatents:
-    config = parse(HeatmapsConfig, args)
-    initialize(config.seed)
-    return save_prompt_latents(config)
+    return run_analysis(HeatmapsConfig, save_prompt_latents, args)
 
 
 if __name__ == "__main__":

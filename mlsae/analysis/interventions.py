@@ -12,7 +12,8 @@ a stream is spliced in after one layer's block and the model runs the rest.
   mapped back through the lens's inverse. Special positions are not steered.
 - `spliced_logits` compares the logits with such a stream spliced in at one layer against
   the model's own, both from one forward pass of a batch of two. KL divergences are
-  KL(intervened || model's own), per position, in nats (`mlsae.metrics.spliced.logit_kldiv`).
+  KL(intervened || model's own), per position, in nats
+  (`mlsae.metrics.spliced.logit_kldiv_per_position`).
 """
 
 import math
@@ -24,7 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mlsae.analysis.prompt import PromptAnalysis, PromptError, check_latent, check_layer
-from mlsae.metrics.spliced import logit_kldiv
+from mlsae.metrics.spliced import logit_kldiv_per_position
 from mlsae.model.lightning import MLSAETransformer
 
 
@@ -118,9 +119,5 @@ def spliced_logits(
 def position_kldiv(
     own: Float[Tensor, "pos vocab"], spliced: Float[Tensor, "pos vocab"]
 ) -> Float[Tensor, " pos"]:
-    """KL(spliced || own) at each position: `logit_kldiv` of each position on its own."""
-    divergences = [
-        logit_kldiv(own[None, position : position + 1], spliced[None, position : position + 1])
-        for position in range(own.shape[0])
-    ]
-    return torch.stack(divergences).clamp(min=0.0)
+    """KL(spliced || own) at each position (rounding can make it a hair below 0: 0)."""
+    return logit_kldiv_per_position(own, spliced).clamp(min=0.0)

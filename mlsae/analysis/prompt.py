@@ -220,7 +220,7 @@ class Histograms:
     """`bins + 1` edges from 0 to the largest activation."""
     counts: Int[Tensor, "layer bin"]
     zeros: Int[Tensor, " layer"]
-    """Per layer, how many of the activations counted are 0."""
+    """Per layer, how many of the activations are 0."""
 
 
 def activation_histograms(analysis: PromptAnalysis, bins: int) -> Histograms:
@@ -238,13 +238,14 @@ def dense_histograms(analysis: PromptAnalysis, n_latents: int, bins: int) -> His
 
 
 def _histograms(per_layer: list[Tensor], everything: Tensor, bins: int) -> Histograms:
+    """Histograms of `per_layer`, the values to count at each layer, from 0 to the largest
+    of `everything` (`[layer, ...]`), whose zeros are counted apart."""
     top = max(float(everything.max()) if everything.numel() else 0.0, 1e-6)
     counts = torch.stack(
         [torch.histc(values.float(), bins=bins, min=0.0, max=top).long() for values in per_layer]
     )
-    layer_sizes = torch.tensor([layer.numel() for layer in everything])
-    zeros = layer_sizes - torch.tensor([values.numel() for values in per_layer])
-    return Histograms(torch.linspace(0.0, top, bins + 1), counts.cpu(), zeros)
+    zeros = (everything == 0).flatten(1).sum(-1)
+    return Histograms(torch.linspace(0.0, top, bins + 1), counts.cpu(), zeros.cpu())
 
 
 # Metrics ------------------------------------------------------------------------------------

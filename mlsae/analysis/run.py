@@ -17,6 +17,7 @@ where its outputs go and what they record of it.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -111,17 +112,17 @@ class AnalysedModel:
     """The model as the user named it (hub id or local folder), or the published id."""
 
     source: MLSAESource
-    origin: OutputOrigin
-    """What the outputs record of the model (see `mlsae.analysis.identity`)."""
 
     @staticmethod
     def load(config: AnalysisConfig) -> "AnalysedModel":
-        """The model of `config` on its device, with its identity."""
-        repo_id = config.resolved_repo_id()
-        source = config.load_source()
-        return AnalysedModel(
-            config, repo_id, source, OutputOrigin(model=source_identity(source), repo_id=repo_id)
-        )
+        """The model of `config`, on its device."""
+        return AnalysedModel(config, config.resolved_repo_id(), config.load_source())
+
+    @cached_property
+    def origin(self) -> OutputOrigin:
+        """What the outputs record of the model (see `mlsae.analysis.identity`); hashing
+        the weights, it is computed only for the analyses that record it."""
+        return OutputOrigin(model=source_identity(self.source), repo_id=self.repo_id)
 
     def batches(self) -> DataLoader:
         """The held-out token stream of the data options (`max_steps` batches)."""

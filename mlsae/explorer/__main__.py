@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI
 
-from mlsae.analysis.config import cache_path
 from mlsae.analysis.examples import Examples
 from mlsae.model.lightning import MLSAETransformer
+from mlsae.names import cache_path
 from mlsae.utils import get_device
 
 from .app import create_app

@@ -43,6 +43,15 @@ def logit_mse(
     return (squared * weights).sum() / weights.sum()
 
 
+def logit_kldiv_per_position(
+    logits_true: Float[Tensor, "... vocab"], logits_pred: Float[Tensor, "... vocab"]
+) -> Float[Tensor, "..."]:
+    """KL(pred || true) of the next-token distributions at each position, in nats."""
+    log_true = F.log_softmax(logits_true.float(), dim=-1)
+    log_pred = F.log_softmax(logits_pred.float(), dim=-1)
+    return F.kl_div(log_true, log_pred, log_target=True, reduction="none").sum(dim=-1)
+
+
 def logit_kldiv(
     logits_true: Float[Tensor, "batch pos vocab"],
     logits_pred: Float[Tensor, "batch pos vocab"],
@@ -50,11 +59,11 @@ def logit_kldiv(
 ) -> Float[Tensor, ""]:
     """KL(pred || true) of the next-token distributions, summed over positions that
     count and divided by the batch size (`kl_div(..., reduction="batchmean")`)."""
-    log_true = F.log_softmax(logits_true.float(), dim=-1)
-    log_pred = F.log_softmax(logits_pred.float(), dim=-1)
     if mask is None:
+        log_true = F.log_softmax(logits_true.float(), dim=-1)
+        log_pred = F.log_softmax(logits_pred.float(), dim=-1)
         return F.kl_div(log_true, log_pred, log_target=True, reduction="batchmean")
-    per_position = F.kl_div(log_true, log_pred, log_target=True, reduction="none").sum(dim=-1)
+    per_position = logit_kldiv_per_position(logits_true, logits_pred)
     return (per_position * mask.float()).sum() / logits_true.shape[0]
 
 

@@ -21,6 +21,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from mlsae import sparse
+from mlsae.metrics import FIRING_THRESHOLD
 from mlsae.model.hub import StrictHubMixin
 from mlsae.model.maintenance import (  # noqa: F401 (their home before maintenance.py)
     maintain_decoder,
@@ -143,7 +144,7 @@ class MLSAE(
         n_latents: int,
         k: int,
         dead_steps_threshold: int | None = None,
-        dead_threshold: float = 1e-3,
+        dead_threshold: float = FIRING_THRESHOLD,
         auxk: int | None = 256,
         standardize: bool = True,
         dead_tokens_threshold: int = DEFAULT_DEAD_TOKENS_THRESHOLD,

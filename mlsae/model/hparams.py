@@ -13,6 +13,8 @@ from typing import Any
 
 from simple_parsing import field
 
+from mlsae.metrics import FIRING_THRESHOLD
+
 
 @dataclass
 class MLSAEConfig:
@@ -33,7 +35,7 @@ class MLSAEConfig:
     dead_tokens_threshold: int = 10_000_000
     """Training tokens without firing after which a latent is dead."""
 
-    dead_threshold: float = 1e-3
+    dead_threshold: float = FIRING_THRESHOLD
     """The activation above which a latent counts as fired."""
 
     lr: float = 1e-4

@@ -9,6 +9,7 @@ import torch
 from mlsae.analysis.heatmaps import latents_of, main, prompt_latents
 from mlsae.analysis.prompt import PromptError, analyse_prompt
 from mlsae.analysis.source import LatentBatch, load_source
+from mlsae.cli import run_command
 from mlsae.model.types import TopK
 from tests.analysis import GOLDEN_MODEL, GOLDEN_TRANSFORMER, golden_source
 
@@ -160,6 +161,25 @@ def test_command_writes_json_and_csv(tmp_path):
         rows = list(csv.DictReader(file))
     assert len(rows) == sum(len(firings) for firings in result.firings().values())
     assert {int(row["latent"]) for row in rows} == set(result.latents.tolist())
+
+
+def test_a_prompt_too_long_is_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLSAE_TRACEBACK", raising=False)
+    args = [
+        f"--repo_id={GOLDEN_MODEL}",
+        f"--model_name={GOLDEN_TRANSFORMER}",
+        "--prompt=" + "a b " * 100,
+        "--device=cpu",
+        f"--output_dir={tmp_path}",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(lambda: main(args))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: the prompt has 201 tokens, more than the 128 that fit the model's context: "
+        "shorten it"
+    ]
+    assert not list(tmp_path.iterdir())
 
 
 def test_help_lists_the_options(capsys):

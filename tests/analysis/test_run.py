@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from mlsae.analysis import dists as dists_module
+from mlsae.analysis import run as analysis_run
 from mlsae.analysis.dists import Dists
-from mlsae.analysis.run import Saved, run_analysis
+from mlsae.analysis.run import AnalysedModel, Saved, run_analysis
 from mlsae.cli import ConfigError
 from tests.analysis import CORPUS, GOLDEN_MODEL, GOLDEN_TRANSFORMER, TOKENS_PER_BATCH
 
@@ -78,6 +79,21 @@ def test_push_to_hub_without_a_hub_dataset_stops_before_computing():
 
     with pytest.raises(ConfigError, match="--push_to_hub: this analysis publishes no hub dataset"):
         run_analysis(UnpublishedConfig, save, ["--push_to_hub=true"])
+
+
+def test_the_model_identity_is_computed_only_for_outputs_that_record_it(monkeypatch):
+    hashed = []
+
+    def identity(source: object) -> str:
+        hashed.append(source)
+        return "h"
+
+    monkeypatch.setattr(analysis_run, "source_identity", identity)
+    source = object()
+    model = AnalysedModel(None, "someone/mlsae-x-tfm", source)
+    assert hashed == []
+    assert (model.origin.model, model.origin.repo_id) == ("h", "someone/mlsae-x-tfm")
+    assert model.origin is model.origin and hashed == [source]
 
 
 def test_dists_push_to_their_dataset(tmp_path, monkeypatch, capsys):

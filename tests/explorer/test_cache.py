@@ -74,10 +74,13 @@ def test_an_analysis_entry_costs_its_tensors(model: MLSAETransformer) -> None:
     service = ExplorerService(model)
     service.analyse(PROMPT)
     pos = n_positions(model)
-    streams = 3 * N_LAYERS * pos * D_MODEL * 4  # raw, encoded inputs, reconstructions
+    # Raw, encoded inputs, reconstructions (in the autoencoder's space the same tensor as
+    # in the transformer's, without a tuned lens).
+    streams = 3 * N_LAYERS * pos * D_MODEL * 4
     latents = N_LAYERS * pos * K * (4 + 8)  # values, int64 indices
+    scale = N_LAYERS * pos * 4  # the std that standardisation removed
     positions = pos * (8 + 1 + 1)  # token ids, the special and counted masks
-    payload = streams + latents + positions
+    payload = streams + latents + scale + positions
     recorded = service.analyses.size_of(PROMPT)
     assert payload <= recorded <= payload + sys.getsizeof(PROMPT) + PYTHON_OVERHEAD
 

@@ -92,6 +92,15 @@ def test_golden_stream():
     assert len(batches) == 1605
     assert all(batch.shape == (2, 32) and batch.dtype == torch.long for batch in batches)
     assert torch.equal(torch.stack(batches[:30]), expected)
+    # All 1,605 batches: the corpus is one group, `EOS + doc + EOS + doc ...` tokenised
+    # once and cut into rows of 32, the last row dropped (the original's pipeline).
+    with zstandard.open(GOLDENS / "corpus.jsonl.zst", "rt") as file:
+        documents = [json.loads(line)["text"] for line in file]
+    text = tokenizer.eos_token + tokenizer.eos_token.join(documents)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n_rows = -(-len(ids) // 32) - 1
+    rows = torch.tensor(ids[: n_rows * 32]).view(-1, 2, 32)
+    assert torch.equal(torch.stack(batches), rows)
     dataset = dataloader.dataset
     assert (dataset.documents_read, dataset.blocks_read) == (292, 3210)
     assert dataset.tokens_read == 3210 * 32 + dataset.dropped_tokens
