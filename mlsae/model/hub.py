@@ -6,6 +6,7 @@ must be in the file and every tensor in the file must belong to the module,
 except for the keys a class declares optional.
 """
 
+import contextvars
 import inspect
 import json
 import logging
@@ -24,8 +25,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mlsae.files import CheckpointError, load_as_data
+from mlsae.model.checkpoint import read_checkpoint
 
 logger = logging.getLogger(__name__)
+
+# True while a module is built to receive a checkpoint's weights.
+_WEIGHTS_FROM_CHECKPOINT = contextvars.ContextVar("weights_from_checkpoint", default=False)
 
 
 def _format_keys(keys: list[str], limit: int = 12) -> str:
@@ -209,6 +214,43 @@ class StrictHubMixin(PyTorchModelHubMixin):
         if wrong:
             raise CheckpointError(f"{source} has values of the wrong type: {', '.join(wrong)}")
 
+    @staticmethod
+    def weights_from_checkpoint() -> bool:
+        """True while a module is built to receive a checkpoint's weights (by
+        `from_pretrained` or `load_lightning_checkpoint`): a constructor that would
+        otherwise load or initialise weights of its own may skip that."""
+        return _WEIGHTS_FROM_CHECKPOINT.get()
+
+    @classmethod
+    def _build_for_checkpoint(cls, **kwargs: Any):
+        token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+        try:
+            return cls(**kwargs)
+        finally:
+            _WEIGHTS_FROM_CHECKPOINT.reset(token)
+
+    @classmethod
+    def load_lightning_checkpoint(cls, ckpt_path: str | Path, map_location: str = "cpu"):
+        """A module from a Lightning checkpoint of it (its `hyper_parameters` and
+        `state_dict`), read as data and loaded strictly; `on_load_checkpoint` is called
+        where the module has one."""
+        checkpoint = read_checkpoint(ckpt_path, map_location)
+        hparams = checkpoint.get("hyper_parameters")
+        if not isinstance(hparams, dict):
+            raise CheckpointError(f"{ckpt_path} holds no hyperparameters of {cls.__name__}")
+        cls._check_config(dict(hparams), source=str(ckpt_path))
+        model = cls._build_for_checkpoint(**hparams)
+        load_state_dict_strictly(
+            model,
+            checkpoint["state_dict"],
+            optional=cls._optional_keys,
+            ignored=cls._ignored_keys,
+            source=str(ckpt_path),
+        )
+        if hasattr(model, "on_load_checkpoint"):
+            model.on_load_checkpoint(checkpoint)
+        return model.eval()
+
     @classmethod
     def _from_pretrained(
         cls,
@@ -223,7 +265,7 @@ class StrictHubMixin(PyTorchModelHubMixin):
         strict: bool = True,
         **model_kwargs: Any,
     ):
-        model = cls(**model_kwargs)
+        model = cls._build_for_checkpoint(**model_kwargs)
         download_kwargs = dict(
             revision=revision,
             cache_dir=cache_dir,

@@ -6,7 +6,6 @@ metrics from `mlsae.metrics`. Its hyperparameters are `MLSAEHyperparameters`; it
 layout is the published `-tfm` one.
 """
 
-import contextvars
 import logging
 import math
 from dataclasses import asdict
@@ -22,10 +21,10 @@ from mlsae.lm.splice import spliced_metrics
 from mlsae.lm.stream import ResidualStream, read_residual_stream
 from mlsae.lm.transformer import Transformer
 from mlsae.model.autoencoder import MLSAE, AutoencoderOutput
-from mlsae.model.checkpoint import read_checkpoint
+from mlsae.model.firing import StepFiring
 from mlsae.model.geom_median import geometric_median
 from mlsae.model.hparams import MLSAEHyperparameters
-from mlsae.model.hub import CheckpointError, StrictHubMixin, load_state_dict_strictly, read_config
+from mlsae.model.hub import CheckpointError, StrictHubMixin, read_config
 from mlsae.model.losses import mlsae_loss
 from mlsae.model.maintenance import maintain_decoder
 from mlsae.model.metric_sets import reconstruction_metrics
@@ -36,9 +35,6 @@ from mlsae.model.optimization import configure_adam
 __all__ = ["MLSAETransformer", "ResidualStream"]
 
 logger = logging.getLogger(__name__)
-
-# True while `from_pretrained` builds a module whose weights the checkpoint holds.
-_WEIGHTS_FROM_CHECKPOINT = contextvars.ContextVar("weights_from_checkpoint", default=False)
 
 
 class MLSAETransformer(StrictHubMixin, LightningModule):
@@ -74,7 +70,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
             // (hparams.batch_size * hparams.max_length * hparams.accumulate_grad_batches),
         )
 
-        from_checkpoint = _WEIGHTS_FROM_CHECKPOINT.get()
+        from_checkpoint = self.weights_from_checkpoint()
         self.transformer = Transformer(
             hparams.model_name,
             max_length=hparams.max_length,
@@ -119,8 +115,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         self.tokens_seen = 0
         self.micro_batches_seen = 0
         self.non_finite = NonFiniteTracker(self.layers)
-        self._step_fired: Tensor | None = None
-        self._step_tokens: Tensor | None = None
+        self.step_firing = StepFiring()
         self.train_metrics = reconstruction_metrics(
             self.layers, self.n_latents, hparams.dead_tokens_threshold, hparams.dead_threshold
         )
@@ -147,39 +142,13 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
             raise
 
     @classmethod
-    def _from_pretrained(cls, **kwargs: Any) -> "MLSAETransformer":
-        token = _WEIGHTS_FROM_CHECKPOINT.set(True)
-        try:
-            return super()._from_pretrained(**kwargs)
-        finally:
-            _WEIGHTS_FROM_CHECKPOINT.reset(token)
-
-    @classmethod
     def load_checkpoint_weights(
         cls, ckpt_path: str, map_location: str = "cpu"
     ) -> "MLSAETransformer":
         """Load a Lightning checkpoint of this module, the transformer's weights included
-        (nothing is downloaded but the transformer's config and tokenizer). The file is read
-        as data (`read_checkpoint`) and its weights are loaded strictly."""
-        checkpoint = read_checkpoint(ckpt_path, map_location)
-        hparams = checkpoint.get("hyper_parameters")
-        if not isinstance(hparams, dict):
-            raise CheckpointError(f"{ckpt_path} holds no hyperparameters of {cls.__name__}")
-        cls._check_config(dict(hparams), source=str(ckpt_path))
-        token = _WEIGHTS_FROM_CHECKPOINT.set(True)
-        try:
-            model = cls(**hparams)
-        finally:
-            _WEIGHTS_FROM_CHECKPOINT.reset(token)
-        load_state_dict_strictly(
-            model,
-            checkpoint["state_dict"],
-            optional=cls._optional_keys,
-            ignored=cls._ignored_keys,
-            source=str(ckpt_path),
-        )
-        model.on_load_checkpoint(checkpoint)
-        return model.eval()
+        (nothing is downloaded but the transformer's config and tokenizer), read as data
+        and loaded strictly."""
+        return cls.load_lightning_checkpoint(ckpt_path, map_location)
 
     # The residual stream and the autoencoder ---------------------------------------
 
@@ -229,10 +198,9 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         loss = mlsae_loss(stream.inputs, result, stream.mask, self.auxk_coef)
         self.non_finite.observe_loss(loss.total)
 
-        fired = self.autoencoder.fired_counts(output.topk, stream.mask)
-        tokens = stream.n_counted()
-        self._step_fired = fired if self._step_fired is None else self._step_fired + fired
-        self._step_tokens = tokens if self._step_tokens is None else self._step_tokens + tokens
+        self.step_firing.add(
+            self.autoencoder.fired_counts(output.topk, stream.mask), stream.n_counted()
+        )
 
         metrics = self.train_metrics(
             inputs=stream.inputs,
@@ -250,18 +218,12 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         maintain_decoder(self.autoencoder.decoder)
         skip = self.non_finite.end_step(self.global_step)
         optimizer.skip_step_if(skip)
-        self._update_dead_latents(skip)
+        self.step_firing.apply(self.autoencoder, skip, self._sum_over_ranks)
 
-    def _update_dead_latents(self, skip: Tensor) -> None:
-        if self._step_fired is None:
-            return
-        fired, tokens = self._step_fired, self._step_tokens
-        if self._trainer is not None and self.trainer.world_size > 1:
-            fired = self.trainer.strategy.reduce(fired, reduce_op="sum")
-            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
-        # A skipped step leaves the dead-latent state as it was.
-        self.autoencoder.update_dead_latents(fired * ~skip, tokens * ~skip)
-        self._step_fired = self._step_tokens = None
+    def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
         interval = self.trainer.log_every_n_steps if self._trainer is not None else 1
