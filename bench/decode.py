@@ -7,8 +7,9 @@ alternating within every repeat. Prints a markdown table and writes JSON.
 
     python bench/decode.py [--device cuda] [--out bench/results/decode.json]
 
-"embedding_bag_autograd" (plain `F.embedding_bag`, torch's own backward) is a baseline
-for the "embedding_bag" backend's custom backward, not a backend. Triton runs on CUDA; on
+"native" is the `embedding_bag` kernel with the C backward, "sparse" the same with the
+torch backward; "embedding_bag_autograd" (plain `F.embedding_bag`, torch's own backward)
+is a baseline for those backwards, not a backend. Triton runs on CUDA; on
 a CPU only with `--triton-interpret` (Triton's interpreter: minutes per pass at these
 shapes). `--sweep` adds a k sweep at 4,096 latents for the dense crossover.
 """
@@ -60,7 +61,7 @@ def main() -> None:
     from mlsae.sparse.decoder import decode
     from mlsae.types import TopK
 
-    backends = ["dense", "embedding_bag", "embedding_bag_autograd"]
+    backends = ["dense", "native", "sparse", "embedding_bag_autograd"]
     if device.type == "cuda" or args.triton_interpret:
         backends.append("triton")
 

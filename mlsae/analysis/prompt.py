@@ -307,7 +307,7 @@ def prompt_metrics(model: MLSAETransformer, analysis: PromptAnalysis) -> PromptM
         l0=_computed(LayerwiseL0Norm(n_layers, model.dead_threshold), analysis),
         loss=loss,
         loss_delta=loss - own_loss,
-        kl_div=spliced["kl"].float().cpu() / max(n_counted, 1),
+        kl_div=spliced["kl_per_token"].float().cpu(),
     )
 
 

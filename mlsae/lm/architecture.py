@@ -13,10 +13,13 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from mlsae.lm.hub_access import language_model_options
 
 # Module names that transformers renamed, as (published checkpoint name, other name). Keys
 # are accepted under either name on load and saved under the published one, so checkpoints
@@ -76,25 +79,36 @@ def validate_layers(layers: list[int] | None, n_blocks: int) -> list[int]:
 def build_model(
     model_name: str, load_weights: bool, dtype: torch.dtype, attn_implementation: str | None
 ) -> PreTrainedModel:
+    """The causal LM `model_name` (a local folder or a hub id), with its weights or, without
+    `load_weights`, with random ones. A missing local folder, or a hub model that the hub
+    cannot give, raises at once (see `mlsae.lm.hub_access`)."""
+    hub_options = language_model_options(model_name)
+    model_name = os.path.expanduser(model_name)
     # transformers renamed `torch_dtype` to `dtype` in 4.56.
     dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    kwargs: dict[str, Any] = {dtype_key: dtype}
-    if model_name.startswith(("/", "./", "../", "~")) and not os.path.isdir(
-        os.path.expanduser(model_name)
-    ):
-        raise FileNotFoundError(f"model folder {model_name} does not exist")
+    kwargs: dict[str, Any] = {dtype_key: dtype, **hub_options}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
         if load_weights:
             return AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
-        config = AutoConfig.from_pretrained(model_name)
+        config = AutoConfig.from_pretrained(model_name, **hub_options)
     except OSError as error:
-        raise OSError(f"cannot load the model {model_name!r}: {error}") from error
+        raise OSError(
+            f"cannot load the language model {model_name!r}: {error}; pass a hub id or a local "
+            "folder as --model_name (model_name= in Python)"
+        ) from error
     # Random initialisation would otherwise advance the global RNG, which loading weights
     # does not: seeded runs must not depend on how the model was built.
     with torch.random.fork_rng(devices=[]):
         return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def load_pretrained_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of the language model `model_name` (from the cache only without the
+    hub; see `build_model`)."""
+    hub_options = language_model_options(model_name)
+    return AutoTokenizer.from_pretrained(os.path.expanduser(model_name), **hub_options)
 
 
 def text_config(config: PretrainedConfig) -> PretrainedConfig:

@@ -23,6 +23,8 @@ from typing import BinaryIO, NamedTuple
 
 import datasets
 
+from mlsae.lm.hub_access import closest_path, looks_local, require_hub_dataset
+
 logger = logging.getLogger(__name__)
 
 GROUP_SIZE = 1024
@@ -75,13 +77,15 @@ def _builder_for(file: str) -> str | None:
 
 
 def _looks_local(path: str) -> bool:
-    """Whether `path` names local files rather than a hub dataset id."""
+    """Whether `path` names local files rather than a hub dataset id: a glob, a data file's
+    extension, or what `mlsae.lm.hub_access.looks_local` says (a leading `.`, `~` or `/`,
+    more than one `/`, a first component that is a local folder). Such a path that does not
+    exist is reported as missing, never looked up on the hub."""
     return (
         _is_glob(path)
-        or os.path.isabs(path)
-        or path.startswith((".", "~"))
         or _builder_for(path) is not None
         or os.path.exists(path)
+        or looks_local(path)
     )
 
 
@@ -105,7 +109,11 @@ def _local_files(path: str) -> list[str]:
         return files
     if os.path.isfile(path):
         return [path]
-    raise FileNotFoundError(f"no such file or directory: {path!r}")
+    guess = closest_path(path)
+    raise FileNotFoundError(
+        f"no such file or directory: {path!r}"
+        + (f" (did you mean {guess!r}?)" if guess is not None else "")
+    )
 
 
 def _load_files(files: list[str], builder: str, label: str) -> datasets.IterableDataset:
@@ -143,6 +151,7 @@ def load_text_dataset(
     """
     path = os.path.expanduser(path)
     if not _looks_local(path):
+        require_hub_dataset(path)
         return datasets.load_dataset(path, name=name, split=split, streaming=True)
     if os.path.isdir(path):
         return _load_directory(path, split)

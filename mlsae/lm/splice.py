@@ -17,8 +17,10 @@ def spliced_metrics(
     recons: Float[Tensor, "layer batch pos d_model"],
 ) -> dict[str, Float[Tensor, " layer"]]:
     """Per layer: CE loss with the true stream and with the reconstruction spliced in after
-    that layer's block (`loss_true`, `loss_pred`), logit MSE (`mse`) and KL divergence
-    (`kl`); the model runs once per layer, never holding logits of every layer.
+    that layer's block (`loss_true`, `loss_pred`), logit MSE (`mse`), KL divergence summed
+    over each sequence's positions that count (`kl`, the original's) and per position that
+    counts (`kl_per_token`); the model runs once per layer, never holding logits of every
+    layer.
 
     With special tokens counted (the original's numbers), the "true" stream is the zeroed
     one the autoencoder saw; otherwise it is the model's own, and the reconstruction
@@ -33,6 +35,7 @@ def spliced_metrics(
         # Splicing the unmodified stream gives the model's own logits at every layer.
         clean_logits = transformer.model(input_ids=tokens, use_cache=False).logits
     values: dict[str, list[Tensor]] = {k: [] for k in ("loss_true", "loss_pred", "mse", "kl")}
+    n_counted = stream.n_counted().to(tokens.device)
     for position in range(transformer.n_layers):
         if clean_logits is None:
             logits_true = transformer.forward_at_layer(true_stack, position, "logits")
@@ -43,4 +46,6 @@ def spliced_metrics(
         values["loss_pred"].append(next_token_loss(logits_pred, tokens, mask))
         values["mse"].append(logit_mse(logits_true, logits_pred, mask))
         values["kl"].append(logit_kldiv(logits_true, logits_pred, mask))
-    return {key: torch.stack(value) for key, value in values.items()}
+    result = {key: torch.stack(value) for key, value in values.items()}
+    result["kl_per_token"] = result["kl"] * tokens.shape[0] / n_counted.clamp(min=1)
+    return result

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformers import (
-    AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -28,6 +27,7 @@ from mlsae.lm.architecture import (
     accept_renamed_module_names,
     build_model,
     find_decoder_blocks,
+    load_pretrained_tokenizer,
     save_published_module_names,
     special_token_ids,
     text_config,
@@ -106,7 +106,7 @@ class Transformer(nn.Module):
         self.model.eval()
         self.model.requires_grad_(False)
         self.tokenizer: PreTrainedTokenizerBase = (
-            tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_name)
+            tokenizer if tokenizer is not None else load_pretrained_tokenizer(model_name)
         )
 
         self.config: PretrainedConfig = self.model.config

@@ -19,6 +19,7 @@ from mlsae.metrics.masking import count_positions, position_weights
 from mlsae.metrics.mse import LayerwiseMSE
 from mlsae.metrics.spliced import (
     LayerwiseLogitKLDiv,
+    LayerwiseLogitKLDivPerToken,
     LayerwiseLogitMSE,
     LayerwiseLossDelta,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "LayerwiseL0Norm",
     "LayerwiseL1Norm",
     "LayerwiseLogitKLDiv",
+    "LayerwiseLogitKLDivPerToken",
     "LayerwiseLogitMSE",
     "LayerwiseLossDelta",
     "LayerwiseMSE",

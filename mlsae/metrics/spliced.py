@@ -84,7 +84,16 @@ class LayerwiseLogitMSE(LayerwiseRatio):
 
 
 class LayerwiseLogitKLDiv(LayerwiseRatio):
-    """KL divergence of the next-token distributions (see `logit_kldiv`)."""
+    """KL divergence of the next-token distributions summed over a sequence's positions
+    (see `logit_kldiv`; the original's `val/logit/kldiv`)."""
 
     def update(self, logit_kldiv: Float[Tensor, " layer"], **_: object) -> None:
         self._add(logit_kldiv)
+
+
+class LayerwiseLogitKLDivPerToken(LayerwiseRatio):
+    """KL divergence of the next-token distributions per position that counts, in nats
+    (`val/logit/kldiv_per_token`)."""
+
+    def update(self, logit_kldiv_per_token: Float[Tensor, " layer"], **_: object) -> None:
+        self._add(logit_kldiv_per_token)

@@ -15,17 +15,21 @@ import re
 import types
 import typing
 import warnings
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
+from huggingface_hub import PyTorchModelHubMixin, constants
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from mlsae.cli import ConfigError
 from mlsae.files import CheckpointError, load_as_data
+from mlsae.lm.hub_access import hub_file, is_local, offline_reason, require_local
 from mlsae.model.checkpoint import read_checkpoint
+from mlsae.model.resolve import check_kind, portable_path
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +100,14 @@ def _read_json_object(path: str) -> dict[str, Any]:
     return config
 
 
+_DOWNLOAD_OPTIONS = ("revision", "cache_dir", "force_download", "token", "local_files_only")
+
+
+def download_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The options of `from_pretrained`'s `kwargs` that say how to download from the hub."""
+    return {key: kwargs[key] for key in _DOWNLOAD_OPTIONS if key in kwargs}
+
+
 def read_config(model_id: str, **download_kwargs: Any) -> dict[str, Any]:
     """The `config.json` of a saved module, from a local folder or the hub."""
     return _read_json_object(_resolve_file(model_id, constants.CONFIG_NAME, **download_kwargs))
@@ -107,7 +119,8 @@ def _resolve_file(model_id: str, filename: str, **download_kwargs: Any) -> str:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{filename} not found in {Path(model_id).resolve()}")
         return path
-    return hf_hub_download(repo_id=model_id, filename=filename, **download_kwargs)
+    require_local(model_id, "the model folder")
+    return hub_file(model_id, filename, "the MLSAE", **download_kwargs)
 
 
 def _matches(value: Any, annotation: Any) -> bool:
@@ -149,24 +162,64 @@ class StrictHubMixin(PyTorchModelHubMixin):
     _ignored_keys: ClassVar[tuple[str, ...]] = ()
     _new_config_keys: ClassVar[tuple[str, ...]] = ()
     """Constructor arguments that configs written by the original code never hold."""
+    _local_path_keys: ClassVar[tuple[str, ...]] = ()
+    """Config keys that may name local files or folders: saved relative to the saved
+    folder (see `mlsae.model.resolve.portable_path`), and never pushed to the hub."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any):
-        """Load a module saved with `save_pretrained`, locally or from the hub.
+        """Load a module saved with `save_pretrained`, locally or from the hub (from the
+        cache only when the hub cannot be reached).
 
-        Unknown config keys give a warning and missing ones their defaults; a
-        required one that is missing raises. Weights are loaded strictly.
+        A folder of another kind (a language model, an MLSAE for an MLSAETransformer, ...)
+        raises, saying how to load it. Unknown config keys give a warning and missing ones
+        their defaults; a required one that is missing raises. Weights are loaded strictly.
         """
-        model_id = str(pretrained_model_name_or_path)
-        download_kwargs = {
-            key: kwargs[key]
-            for key in ("revision", "cache_dir", "force_download", "token", "local_files_only")
-            if key in kwargs
-        }
-        config_path = _resolve_file(model_id, constants.CONFIG_NAME, **download_kwargs)
+        model_id = os.path.expanduser(str(pretrained_model_name_or_path))
+        if not os.path.isdir(model_id) and offline_reason() is not None:
+            kwargs["local_files_only"] = True
+        config_path = _resolve_file(model_id, constants.CONFIG_NAME, **download_options(kwargs))
         config = _read_json_object(config_path)
+        check_kind(config, cls, model_id)
         cls._check_config(config, source=config_path)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(model_id, **kwargs)
+
+    def save_pretrained(self, save_directory: str | Path, *, config: Any = None, **kwargs: Any):
+        """`PyTorchModelHubMixin.save_pretrained`, with the local paths that the config holds
+        (`_local_path_keys`) written relative to `save_directory`."""
+        return super().save_pretrained(
+            save_directory, config=self._config_to_save(save_directory, config), **kwargs
+        )
+
+    def push_to_hub(self, repo_id: str, *, config: Any = None, **kwargs: Any) -> str:
+        """`PyTorchModelHubMixin.push_to_hub`, refused when the config names local paths
+        (`_local_path_keys`), which nobody else can load: pass `config=` with hub ids."""
+        pushed = self._config_to_save(None, config) or {}
+        local = [
+            f"{key}={pushed[key]!r}"
+            for key in self._local_path_keys
+            if isinstance(pushed.get(key), str) and is_local(pushed[key])
+        ]
+        if local:
+            raise ConfigError(
+                f"will not push {repo_id}: its config names local paths ({', '.join(local)}), "
+                "which nobody else can load; pass config= with hub ids instead (upload.py "
+                "--model_name does it for the language model)"
+            )
+        return super().push_to_hub(repo_id, config=config, **kwargs)
+
+    def _config_to_save(
+        self, save_directory: str | Path | None, config: Any
+    ) -> dict[str, Any] | None:
+        config = self._hub_mixin_config if config is None else config
+        if config is None or not self._local_path_keys:
+            return config
+        config = asdict(config) if is_dataclass(config) else dict(config)
+        if save_directory is not None:
+            for key in self._local_path_keys:
+                if isinstance(config.get(key), str):
+                    config[key] = portable_path(config[key], save_directory)
+        return config
 
     @classmethod
     def _check_config(cls, config: dict[str, Any], source: str) -> None:

@@ -8,6 +8,7 @@ layout is the published `-tfm` one.
 
 import logging
 import math
+import os
 from dataclasses import asdict
 from typing import Any
 
@@ -21,16 +22,18 @@ from mlsae.lm.splice import spliced_metrics
 from mlsae.lm.stream import ResidualStream, read_residual_stream
 from mlsae.lm.transformer import Transformer
 from mlsae.model.autoencoder import MLSAE, AutoencoderOutput
+from mlsae.model.card import mlsae_transformer_card
 from mlsae.model.firing import StepFiring
 from mlsae.model.geom_median import geometric_median
 from mlsae.model.hparams import MLSAEHyperparameters
-from mlsae.model.hub import CheckpointError, StrictHubMixin, read_config
+from mlsae.model.hub import CheckpointError, StrictHubMixin, download_options, read_config
 from mlsae.model.losses import mlsae_loss
 from mlsae.model.maintenance import maintain_decoder
 from mlsae.model.metric_sets import reconstruction_metrics
 from mlsae.model.metric_sets import spliced_metrics as spliced_metric_set
 from mlsae.model.non_finite import NonFiniteTracker
 from mlsae.model.optimization import configure_adam
+from mlsae.model.resolve import find_language_model
 
 __all__ = ["MLSAETransformer", "ResidualStream"]
 
@@ -125,16 +128,25 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
 
     # Loading --------------------------------------------------------------------
 
+    _local_path_keys = ("model_name", "tuned_lens_path")
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any):
         """Load a published or saved `-tfm` model: weights from the checkpoint, the
         transformer's config and tokenizer from `model_name` (override it to point at a
-        local copy)."""
+        local copy).
+
+        Without `model_name=`, the stored one is looked for as given from the working
+        directory, then relative to the model's folder, then as a hub id (docs/models.md).
+        """
+        model_id = str(pretrained_model_name_or_path)
+        asked = kwargs.get("model_name")
+        trained_on = _configured_model_name(model_id, kwargs)
+        if asked is None and trained_on is not None:
+            kwargs["model_name"] = find_language_model(trained_on, os.path.expanduser(model_id))
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except CheckpointError as error:
-            trained_on = _configured_model_name(pretrained_model_name_or_path)
-            asked = kwargs.get("model_name")
             if asked is not None and trained_on is not None and asked != trained_on:
                 raise CheckpointError(
                     f"{error} (the checkpoint was trained on {trained_on!r}, not {asked!r})"
@@ -149,6 +161,11 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         (nothing is downloaded but the transformer's config and tokenizer), read as data
         and loaded strictly."""
         return cls.load_lightning_checkpoint(ckpt_path, map_location)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> Any:
+        """The card `save_pretrained` writes: `mlsae.model.card`, with the held-out metrics
+        set in `held_out_metrics` (the final validation's, after training)."""
+        return mlsae_transformer_card(self, getattr(self, "held_out_metrics", None))
 
     # The residual stream and the autoencoder ---------------------------------------
 
@@ -272,6 +289,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
                 loss_pred=spliced["loss_pred"],
                 logit_mse=spliced["mse"],
                 logit_kldiv=spliced["kl"],
+                logit_kldiv_per_token=spliced["kl_per_token"],
             )
         )
         # The reconstruction error is measured in the autoencoder's space.
@@ -320,8 +338,8 @@ def _validation_name(name: str) -> str:
     return name
 
 
-def _configured_model_name(model_id: Any) -> str | None:
-    try:
-        return read_config(str(model_id)).get("model_name")
-    except Exception:
-        return None
+def _configured_model_name(model_id: str, kwargs: dict[str, Any]) -> str | None:
+    """The `model_name` stored in the config of the saved model `model_id`, or None when
+    there is none (a folder of another kind, which `from_pretrained` then names)."""
+    name = read_config(os.path.expanduser(model_id), **download_options(kwargs)).get("model_name")
+    return name if isinstance(name, str) else None

@@ -8,6 +8,7 @@ from mlsae.metrics import (
     LayerwiseL0Norm,
     LayerwiseL1Norm,
     LayerwiseLogitKLDiv,
+    LayerwiseLogitKLDivPerToken,
     LayerwiseLogitMSE,
     LayerwiseLossDelta,
     LayerwiseMSE,
@@ -34,13 +35,18 @@ def reconstruction_metrics(
 
 
 def spliced_metrics(layers: list[int]) -> MetricCollection:
-    """Per layer and averaged, `val/logit/kldiv`, `val/logit/mse` and `val/loss/delta`
-    (updated with `loss_true`, `loss_pred`, `logit_mse`, `logit_kldiv`)."""
+    """Per layer and averaged, `val/logit/kldiv` (summed over a sequence's positions, the
+    original's column), `val/logit/kldiv_per_token`, `val/logit/mse` and `val/loss/delta`
+    (updated with `loss_true`, `loss_pred`, `logit_mse`, `logit_kldiv`,
+    `logit_kldiv_per_token`)."""
     n = len(layers)
     return MetricCollection(
         {
             "logit/kldiv": LayerwiseWrapper(
                 LayerwiseLogitKLDiv(n), layers=layers, prefix="logit/kldiv/"
+            ),
+            "logit/kldiv_per_token": LayerwiseWrapper(
+                LayerwiseLogitKLDivPerToken(n), layers=layers, prefix="logit/kldiv_per_token/"
             ),
             "logit/mse": LayerwiseWrapper(LayerwiseLogitMSE(n), layers=layers, prefix="logit/mse/"),
             "loss/delta": LayerwiseWrapper(

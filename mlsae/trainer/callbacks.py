@@ -1,5 +1,6 @@
-"""Lightning callbacks of the commands: a progress bar that shows tokens per second."""
+"""Lightning callbacks of the commands: a progress bar with a total and tokens per second."""
 
+import math
 import time
 from typing import Any
 
@@ -8,7 +9,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class TokensPerSecondBar(TQDMProgressBar):
-    """The usual progress bar, with the training throughput in tokens/s."""
+    """The usual progress bar, with the training throughput in tokens/s and, where the
+    stream's length is known (it is: `max_tokens` bounds it), a total and time remaining."""
 
     def __init__(self, refresh_rate: int = 1) -> None:
         super().__init__(refresh_rate=refresh_rate)
@@ -29,3 +31,14 @@ class TokensPerSecondBar(TQDMProgressBar):
             if elapsed > 0:
                 metrics["tok/s"] = f"{tokens / elapsed:,.0f}"
         return metrics
+
+    @property
+    def total_train_batches(self) -> int | float:
+        total = super().total_train_batches
+        if not math.isinf(total):
+            return total
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        batches = getattr(dataset, "max_batches", None)
+        if not batches:
+            return total
+        return math.ceil(batches / max(1, self.trainer.world_size))

@@ -146,3 +146,16 @@ def prune_orphan_checkpoints(
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def remove_empty_folders(root: str | Path) -> None:
+    """Remove `root` and the folders below it that hold no file (a run that failed before
+    writing anything leaves its logs folders empty)."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if not any(root.iterdir()):
+        root.rmdir()

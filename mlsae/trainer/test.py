@@ -16,7 +16,7 @@ from mlsae.trainer.config import (
     check_precision,
     default_precision,
 )
-from mlsae.trainer.train import print_summary
+from mlsae.trainer.summary import print_summary
 
 # The original's column order (see tests/data/goldens/test_output.csv); others follow.
 _GROUP_ORDER = (
@@ -38,7 +38,7 @@ def _column_key(name: str) -> tuple[int, str, int]:
     position = int(last[len("layer_") :]) if last.startswith("layer_") else 1 << 30
     prefix = group if position < 1 << 30 or last == "avg" else name
     for rank, known in enumerate(_GROUP_ORDER):
-        if name.startswith(known):
+        if prefix == known or prefix.startswith(known + "/"):
             return rank, prefix, position
     return len(_GROUP_ORDER), prefix, position
 

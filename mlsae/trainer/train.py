@@ -2,6 +2,7 @@
 
 import logging
 import math
+import netrc
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -25,8 +26,10 @@ from mlsae.trainer.faults import (
     RunCheckpoints,
     TrainingInterrupted,
     prune_orphan_checkpoints,
+    remove_empty_folders,
 )
 from mlsae.trainer.resume import RecordRun, check_resume
+from mlsae.trainer.summary import print_summary
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +43,15 @@ def run_name(config: RunConfig) -> str:
 
 
 def _wandb_logged_in() -> bool:
+    """Whether Weights & Biases has credentials: its environment variable, or the entry
+    that `wandb login` writes to ~/.netrc (read without importing wandb, which warns)."""
+    if os.environ.get("WANDB_MODE") in ("disabled", "offline"):
+        return False
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        import wandb
-
-        return bool(wandb.api.api_key)
-    except Exception:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
         return False
 
 
@@ -64,17 +69,6 @@ def make_logger(config: RunConfig, name: str, run_dir: Path) -> Logger | bool:
     return CSVLogger(str(run_dir), name="logs")
 
 
-def print_summary(title: str, metrics: dict[str, float]) -> None:
-    """The averages over layers of the logged metrics, one per line."""
-    averages = {name: value for name, value in metrics.items() if name.endswith("/avg")}
-    if not averages:
-        return
-    width = max(map(len, averages))
-    print(title)
-    for name, value in sorted(averages.items()):
-        print(f"  {name:<{width}}  {value:.6g}")
-
-
 def model_options(config: RunConfig) -> dict[str, Any]:
     """The constructor arguments of the model that `config` trains."""
     return asdict(config.hyperparameters())
@@ -84,6 +78,21 @@ def build_model(config: RunConfig) -> MLSAETransformer:
     return MLSAETransformer(**model_options(config))
 
 
+class _WithoutAdvertising(logging.Filter):
+    """Drops Lightning's advertising ("Tip: ... try installing litlogger ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's useful messages, drop its advertising."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _WithoutAdvertising) for f in target.filters):
+            target.addFilter(_WithoutAdvertising())
+
+
 def make_trainer(
     config: RunConfig,
     name: str,
@@ -91,6 +100,7 @@ def make_trainer(
     callbacks: list[Any],
     resumed_epoch: int,
 ) -> Trainer:
+    quiet_lightning()
     trainer_config, data = config.trainer, config.data
     max_steps = trainer_config.max_steps or max(
         1, math.ceil(data.max_steps / trainer_config.accumulate_grad_batches)
@@ -139,12 +149,20 @@ def train(config: RunConfig, extra_callbacks: list[Any] | None = None) -> Path:
     """Train an MLSAE and save it with `save_pretrained`; returns the output folder.
 
     Raises `TrainingInterrupted` when SIGTERM stops the run, after saving `last.ckpt` (or,
-    once training is over, the final model).
+    once training is over, the final model). A run that fails leaves no empty folders.
     """
+    run_dir = Path(config.trainer.run_dir) / run_name(config)
+    try:
+        return _train(config, run_dir, extra_callbacks)
+    except BaseException:
+        remove_empty_folders(run_dir)
+        raise
+
+
+def _train(config: RunConfig, run_dir: Path, extra_callbacks: list[Any] | None) -> Path:
     check_run_config(config)
     initialize(config.seed)
     name = run_name(config)
-    run_dir = Path(config.trainer.run_dir) / name
     checkpoint_dir = run_dir / "checkpoints"
     output_dir = Path(config.trainer.output_dir or run_dir / "model")
     data, trainer_config = config.data, config.trainer
@@ -197,6 +215,7 @@ def train(config: RunConfig, extra_callbacks: list[Any] | None = None) -> Path:
         if trainer.is_global_zero:
             if final:
                 print_summary("Held-out metrics after training", final[0])
+                model.held_out_metrics = {name: float(v) for name, v in final[0].items()}
             with atomic_output(output_dir, what="the trained model") as partial:
                 model.save_pretrained(partial)
             if trainer.logger is not None and hasattr(trainer.logger, "finalize"):
