@@ -113,11 +113,14 @@ def plot_dists(dists: Dists, sorted_dists: SortedDists, title: str, histogram: b
     axes[0].set_xticks(range(dists.n_layers))
     axes[0].set_xlabel("layer")
     axes[0].set_ylabel("latent (ascending mean layer)")
-    figure.colorbar(image, ax=axes[0], label="probability")
+    figure.colorbar(image, ax=axes[0], label="P(layer | latent)")
     if histogram:
         values = layer_mean_values(dists)
         plot_histogram(axes[1], layer_mean_histogram(values, dists.n_layers, False), False)
-    figure.suptitle(f"{title}: {len(sorted_dists.latents)} of {dists.n_latents} latents fired")
+        figure.subplots_adjust(wspace=0.45)  # room between the colour bar's label and the axis
+    over = "" if dists.tokens is None else f" over {dists.tokens:,} tokens"
+    fired = f"{len(sorted_dists.latents)} of {dists.n_latents} latents fired"
+    figure.suptitle(f"{title}: {fired}{over}")
     return figure
 
 

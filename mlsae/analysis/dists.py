@@ -30,6 +30,7 @@ import datasets
 import numpy as np
 import torch
 from jaxtyping import Float, Int
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -79,6 +80,10 @@ class DistsConfig(AnalysisConfig):
     """Batches between rows of the layer-std CSV (none: no CSV)."""
 
 
+TOKENS_METADATA = "mlsae.tokens"
+"""The safetensors metadata key of the number of token positions counted."""
+
+
 class Dists:
     """Per-latent statistics of the distribution over layers, from `counts` and `totals`.
 
@@ -91,7 +96,11 @@ class Dists:
         self,
         tensors: dict[str, Tensor],
         device: torch.device | str = "cpu",
+        tokens: int | None = None,
     ) -> None:
+        self.tokens = tokens
+        """The number of token positions counted (None when not recorded, as in the
+        published datasets)."""
         self.counts: Float[Tensor, "layer latent"] = tensors["counts"].to(device, torch.float32)
         self.totals: Float[Tensor, "layer latent"] = tensors["totals"].to(device, torch.float32)
         if self.counts.shape != self.totals.shape or self.counts.ndim != 2:
@@ -162,7 +171,9 @@ class Dists:
         """Write `counts` and `totals` to a safetensors file (written aside, then moved),
         with `origin` (what wrote them) in its metadata."""
         tensors = {name: tensor.contiguous().cpu() for name, tensor in self.tensors.items()}
-        metadata = origin.to_metadata() if origin is not None else None
+        metadata = origin.to_metadata() if origin is not None else {}
+        if self.tokens is not None:
+            metadata[TOKENS_METADATA] = str(self.tokens)
         with atomic_output(path, f"the dists {Path(path).name}") as partial:
             save_file(tensors, partial, metadata=metadata or None)
 
@@ -192,7 +203,9 @@ class Dists:
                 dataset_id=dataset_id,
                 rerun="run `python -m mlsae.analysis.dists` for this model",
             )
-        return Dists(load_file(path), device)
+        with safe_open(path, "pt") as file:
+            tokens = (file.metadata() or {}).get(TOKENS_METADATA)
+        return Dists(load_file(path), device, int(tokens) if tokens else None)
 
     @staticmethod
     def from_dataset(
@@ -294,7 +307,8 @@ class DistsAccumulator:
     def dists(self) -> Dists:
         if self.counts is None or self.totals is None:
             raise ValueError("no batches were accumulated")
-        return Dists({"counts": self.counts, "totals": self.totals}, self.totals.device)
+        tensors = {"counts": self.counts, "totals": self.totals}
+        return Dists(tensors, self.totals.device, self.tokens)
 
 
 def layer_std_stats(layer_std: Float[Tensor, " latent"]) -> dict[str, float]:

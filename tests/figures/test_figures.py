@@ -483,3 +483,20 @@ def test_help_says_what_is_read_and_written(module, capsys):
     help_text = capsys.readouterr().out
     assert "Reads" in help_text and "Writes" in help_text
     assert "--output_dir" in help_text
+
+
+def test_dists_heatmap_labels_the_colour_bar_and_counts_the_tokens(tmp_path):
+    """The colour bar says what it shows; the title says over how many tokens, which the
+    dists file records (`Dists.save` / `from_file`)."""
+    from mlsae.analysis.dists import Dists
+
+    dists = Dists({"counts": COUNTS.clone(), "totals": COUNTS.clone().float()}, tokens=16384)
+    dists.save(tmp_path / "d.safetensors")
+    loaded = Dists.from_file(tmp_path / "d.safetensors")
+    assert loaded.tokens == 16384
+    figure = dists_heatmaps.plot_dists(
+        loaded, dists_heatmaps.sort_by_layer_mean(loaded), "model", histogram=True
+    )
+    labels = [axes.get_ylabel() for axes in figure.axes]
+    assert "P(layer | latent)" in labels
+    assert figure._suptitle.get_text().endswith("latents fired over 16,384 tokens")
