@@ -117,7 +117,7 @@ def plot_dists(dists: Dists, sorted_dists: SortedDists, title: str, histogram: b
     if histogram:
         values = layer_mean_values(dists)
         plot_histogram(axes[1], layer_mean_histogram(values, dists.n_layers, False), False)
-        figure.subplots_adjust(wspace=0.45)  # room between the colour bar's label and the axis
+        figure.get_layout_engine().set(wspace=0.12)  # room between the colour bar and the axis
     over = "" if dists.tokens is None else f" over {dists.tokens:,} tokens"
     fired = f"{len(sorted_dists.latents)} of {dists.n_latents} latents fired"
     figure.suptitle(f"{title}: {fired}{over}")

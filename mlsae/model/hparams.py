@@ -72,7 +72,7 @@ class MLSAEHyperparameters(MLSAEConfig):
     """A hub id or local folder of a causal LM and its tokenizer."""
 
     layers: list[int] | None = None
-    """The decoder blocks to train on (default: all)."""
+    """The decoder blocks to train on, space-separated: --layers 0 2 5 (omitted: all)."""
 
     max_length: int = 2048
     """Tokens per sequence."""

@@ -16,6 +16,9 @@ from mlsae.cli import DataConfig, initialize, parse, require_local_data  # noqa:
 from mlsae.model.hparams import MLSAEConfig, MLSAEHyperparameters
 from mlsae.utils import get_repo_id
 
+DEFAULT_MODEL_NAME = "EleutherAI/pythia-70m-deduped"
+"""The published models' transformer."""
+
 AutoencoderConfig = MLSAEConfig
 """The `train.py` options of the autoencoder (declared in `mlsae.model.hparams`)."""
 
@@ -77,7 +80,8 @@ class TrainerConfig:
     """Optimizer steps between logged metrics."""
 
     val_check_interval: int | None = 4096
-    """Micro-batches between validations (none: once per epoch)."""
+    """Micro-batches between validations (micro-batches, as in the original, where the
+    other intervals count optimizer steps; none: once per epoch)."""
 
     limit_val_batches: int = 512
     """Validation batches per validation."""
@@ -119,7 +123,7 @@ class RunConfig:
     """A hub id or local folder of a causal LM and its tokenizer."""
 
     layers: list[int] | None = None
-    """The decoder blocks to train on (default: all)."""
+    """The decoder blocks to train on, space-separated: --layers 0 2 5 (omitted: all)."""
 
     seed: int = 42
     """The seed of every random number generator."""
@@ -148,16 +152,14 @@ class SweepConfig:
     """The published models of a sweep: every combination of transformer, expansion factor
     and k (the original's `SweepConfig`)."""
 
-    model_name: list[str] = dataclass_field(
-        default_factory=lambda: ["EleutherAI/pythia-70m-deduped"]
-    )
-    """Transformers of the published models (one or more)."""
+    model_name: list[str] = dataclass_field(default_factory=lambda: [DEFAULT_MODEL_NAME])
+    """Transformers of the published models, one or more (space-separated)."""
 
     expansion_factor: list[int] = dataclass_field(default_factory=list)
-    """Expansion factors of the published models (one or more)."""
+    """Expansion factors of the published models, one or more: --expansion_factor 32 64."""
 
     k: list[int] = field(default_factory=list, alias="-k")
-    """k of the published models (one or more)."""
+    """k of the published models, one or more: -k 16 32."""
 
     tuned_lens: bool = False
     """The published -lens models."""
@@ -186,10 +188,11 @@ class TestConfig(SweepConfig):
     )
 
     expansion_factor: list[int] = dataclass_field(default_factory=lambda: [64])
-    """Expansion factors of the published models to evaluate (one or more)."""
+    """Expansion factors of the published models to evaluate, one or more: --expansion_factor
+    32 64."""
 
     k: list[int] = field(default_factory=lambda: [32], alias="-k")
-    """k of the published models to evaluate (one or more)."""
+    """k of the published models to evaluate, one or more: -k 16 32."""
 
     repo_id: str | None = None
     """A pretrained -tfm model: hub id or local folder (default: the published id
