@@ -4,13 +4,15 @@ and user mistakes ending with one `error:` line and exit status 2.
 It imports nothing else of the package, so every layer can use it.
 """
 
+import difflib
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import simple_parsing
 import torch
@@ -68,14 +70,44 @@ def run_command(main: Callable[[], T]) -> T:
         raise SystemExit(stopped.exit_status) from None
 
 
+class _SuggestingParser(simple_parsing.ArgumentParser):
+    """simple_parsing's parser, whose error for an unknown option names the closest one."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(message + closest_options(message, list(self._option_string_actions)))
+
+
+def closest_options(message: str, options: list[str]) -> str:
+    """` (did you mean --x?)` for the unknown options that argparse's `message` names, or
+    an empty string when none is close to one of `options`."""
+    unknown = re.match(r"unrecognized arguments: (.*)", message)
+    if unknown is None:
+        return ""
+    guesses = []
+    for word in unknown.group(1).split():
+        name = word.split("=", 1)[0]
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+        if name.startswith("-") and close:
+            guesses.append((name, close[0]))
+    if len(guesses) == 1:
+        return f" (did you mean {guesses[0][1]}?)"
+    if guesses:
+        return " (did you mean " + ", ".join(f"{o} for {n}" for n, o in guesses) + "?)"
+    return ""
+
+
 def parse(
     config_class: type[T], args: list[str] | None = None, description: str | None = None
 ) -> T:
     """Parse the command line into `config_class` (a dataclass whose field docstrings
-    are the options' help)."""
-    return simple_parsing.parse(
-        config_class, args=args, description=description or config_class.__doc__
+    are the options' help). An unknown option exits with status 2 and names the closest
+    valid one."""
+    parser = _SuggestingParser(
+        nested_mode=simple_parsing.NestedMode.WITHOUT_ROOT,
+        description=description or config_class.__doc__,
     )
+    parser.add_arguments(config_class, dest="config")
+    return parser.parse_args(args).config
 
 
 def initialize(seed: int) -> None:

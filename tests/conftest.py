@@ -13,3 +13,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# `unreachable_hub` and `hub_offline`: a machine without the hub, for any test.
+pytest_plugins = ["tests.no_hub"]

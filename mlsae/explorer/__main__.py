@@ -1,6 +1,7 @@
 """Serve the explorer: `python -m mlsae.explorer --repo_id <hub id or local dir>`."""
 
 import argparse
+import difflib
 import logging
 import os
 from pathlib import Path
@@ -9,13 +10,14 @@ import torch
 from fastapi import FastAPI
 
 from mlsae.analysis.examples import Examples
+from mlsae.cli import ConfigError
 from mlsae.model.lightning import MLSAETransformer
 from mlsae.names import cache_path
 from mlsae.utils import get_device
 
 from .app import create_app
 from .guards import DEFAULT_MAX_BODY_BYTES, WILDCARD_ADDRESSES, served_hosts
-from .service import DEFAULT_CACHE_BYTES, ExamplesReader
+from .service import DEFAULT_CACHE_BYTES, ExamplesReader, ExplorerInputError
 
 logger = logging.getLogger("mlsae.explorer")
 
@@ -31,14 +33,37 @@ def _mebibytes(text: str) -> float:
     return value
 
 
-def parse_args(args: list[str] | None = None) -> argparse.Namespace:
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Ends each option's help with its default, unless the help says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The explorer's command line; `--help` shows every option's default."""
     parser = argparse.ArgumentParser(
         prog="python -m mlsae.explorer",
         description="Explore a pretrained MLSAE in the browser: latent activations by "
-        "layer and position, logits, reconstructions, steering and top examples.",
+        "layer and position, logits, reconstructions, steering and top examples. "
+        "docs/explorer.md describes the page, its address and the API.",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
-        "--repo_id", required=True, help="A pretrained -tfm model: hub id or local folder."
+        "--repo_id",
+        required=True,
+        help="A pretrained -tfm model: a local folder (such as out/runs/<run>/model, which "
+        "train.py saves) or a hub id.",
+    )
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        help="The prompt the page opens on, unless its address names one (default: the "
+        "context of the model's top example in the examples database, else a fixed "
+        "sentence).",
     )
     parser.add_argument(
         "--host",
@@ -58,10 +83,12 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model_name",
         default=None,
-        help="Where the transformer's config and tokenizer come from, instead of the "
-        "checkpoint's own model_name.",
+        help="Where the transformer's config and tokenizer come from (default: the "
+        "checkpoint's own model_name).",
     )
-    parser.add_argument("--device", default=None, help="Default: CUDA when available.")
+    parser.add_argument(
+        "--device", default=None, help="Where the model runs (default: CUDA when available)."
+    )
     parser.add_argument(
         "--allowed_hosts",
         action="extend",
@@ -105,9 +132,40 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         help="An origin allowed to call the API from another site (repeatable), e.g. "
-        "http://localhost:3000 for the original's Next.js front end in development.",
+        "http://localhost:3000 for the original's Next.js front end in development "
+        "(default: none).",
     )
-    return parser.parse_args(args)
+    return parser
+
+
+def parse_args(args: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(args)
+
+
+def looks_local(repo_id: str) -> bool:
+    """Whether `repo_id` can only name a local folder, never a hub id (`name` or
+    `owner/name`): it starts with `.`, `~` or `/`, holds a backslash or more than one
+    `/`, or its first part is a local folder."""
+    if repo_id.startswith((".", "~", "/")) or os.path.isabs(repo_id) or "\\" in repo_id:
+        return True
+    parts = repo_id.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def check_model_folder(repo_id: str) -> None:
+    """Refuse a `--repo_id` that can only be a local folder and is none, before anything
+    loads (and without asking the hub), naming the closest existing folder."""
+    path = Path(repo_id).expanduser()
+    if path.is_dir() or not looks_local(repo_id):
+        return
+    problem = "is a file, not a folder" if path.exists() else "does not exist"
+    siblings = [child.name for child in path.parent.glob("*") if child.is_dir()]
+    close = difflib.get_close_matches(path.name, siblings, n=1)
+    guess = f" (did you mean {path.parent / close[0]}?)" if close else ""
+    raise ConfigError(
+        f"--repo_id {repo_id} {problem}{guess}: pass the folder of a trained model "
+        "(out/runs/<run>/model, which train.py saves) or a hub id"
+    )
 
 
 def find_examples(
@@ -159,6 +217,7 @@ def build_app(
         cors_origins=options.cors_origin,
         allowed_hosts=served_hosts(options.host, options.allowed_hosts),
         max_body_bytes=int(options.max_body_mb * 2**20),
+        opening_prompt=options.prompt,
     )
 
 
@@ -166,13 +225,17 @@ def main(args: list[str] | None = None) -> None:
     import uvicorn
 
     options = parse_args(args)
+    check_model_folder(options.repo_id)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     overrides = {} if options.model_name is None else {"model_name": options.model_name}
     logger.info("loading %s", options.repo_id)
     model = MLSAETransformer.from_pretrained(options.repo_id, **overrides)
     model.to(torch.device(options.device) if options.device else get_device())
     examples = find_examples(options.repo_id, options.examples, options.output_dir, model=model)
-    app = build_app(options, model, examples)
+    try:
+        app = build_app(options, model, examples)
+    except ExplorerInputError as error:  # only --prompt is checked against the model here
+        raise ConfigError(f"--prompt: {error}") from error
     if options.host in WILDCARD_ADDRESSES and not options.allowed_hosts:
         logger.warning(
             "listening on every interface but answering only localhost: name the hosts "

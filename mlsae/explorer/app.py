@@ -53,6 +53,7 @@ def create_app(
     cors_origins: list[str] | None = None,
     allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    opening_prompt: str | None = None,
 ) -> FastAPI:
     """The explorer for `model`.
 
@@ -71,6 +72,9 @@ def create_app(
             a server on 127.0.0.1). Others are answered 400, which keeps web pages from
             reaching the server through a DNS name rebound to its address.
         max_body_bytes: The largest request body; larger ones are answered 413.
+        opening_prompt: The prompt the page opens on (default: the context of the top
+            example, else a fixed sentence; `mlsae.explorer.opening`). One the model
+            cannot take raises `ExplorerInputError`.
     """
     service = ExplorerService(
         model,
@@ -79,6 +83,7 @@ def create_app(
         cache_size=cache_size,
         cache_bytes=cache_bytes,
         max_prompt_tokens=max_prompt_tokens,
+        opening_prompt=opening_prompt,
     )
     app = FastAPI(
         title="MLSAE explorer",
@@ -119,6 +124,12 @@ def create_app(
     def params() -> schemas.Params:
         """The model: its layers, latents, k and training hyperparameters."""
         return service.params()
+
+    @app.get("/api/opening-prompt", tags=["explorer"])
+    def opening_prompt_route() -> schemas.OpeningPrompt:
+        """The prompt the page opens on (unless its address names one): the server's
+        `--prompt`, else the context of the model's top example, else a fixed sentence."""
+        return service.opening_prompt()
 
     @app.post("/api/tokenize", tags=["explorer"], responses=_ERRORS)
     def tokenize(body: schemas.PromptRequest) -> schemas.Tokens:

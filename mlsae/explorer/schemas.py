@@ -5,7 +5,7 @@ maps them to the transformer's decoder blocks. Bounds that depend on the model (
 latent, prompt length) are checked by the service, which answers 422 like pydantic does.
 """
 
-from typing import Annotated, Any, NamedTuple, get_type_hints
+from typing import Annotated, Any, Literal, NamedTuple, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -104,6 +104,19 @@ class Params(BaseModel):
     tuned_lens: bool
     examples_available: bool
     hparams: dict
+
+
+class OpeningPrompt(BaseModel):
+    """The prompt the page opens on."""
+
+    prompt: str
+    source: Literal["option", "example", "fallback"]
+    """Where it comes from: the server's `--prompt`; the context of the model's top
+    example in the examples database; or, without either, a fixed sentence."""
+    latent: int | None = None
+    """For an example: the latent it is the top example of."""
+    layer: int | None = None
+    """For an example: the layer it is the top example at."""
 
 
 class Token(BaseModel):

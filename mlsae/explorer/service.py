@@ -37,6 +37,7 @@ from .logits import (
     logit_changes,
     logit_rows,
 )
+from .opening import choose_opening_prompt
 
 T = TypeVar("T")
 
@@ -85,6 +86,7 @@ class ExplorerService:
         results_cache_size: int = 256,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         max_prompt_tokens: int | None = None,
+        opening_prompt: str | None = None,
     ) -> None:
         """
         Args:
@@ -101,6 +103,8 @@ class ExplorerService:
                 share is computed for every request instead of kept.
             max_prompt_tokens: The longest prompt, in tokens (default and at most: the
                 transformer's context length, `mlsae.analysis.prompt.longest_prompt`).
+            opening_prompt: The prompt the page opens on (default: `mlsae.explorer.opening`
+                chooses one); one the model cannot take raises `ExplorerInputError`.
         """
         model.requires_grad_(False)
         model.eval()
@@ -119,6 +123,10 @@ class ExplorerService:
         self.results = LRUCache(results_cache_size, max_bytes=results_bytes)
         self._lock = threading.RLock()
         self._token_texts: dict[int, str] = {}
+        if opening_prompt is not None:
+            self.token_ids(opening_prompt)
+        self._given_opening = opening_prompt
+        self._opening: schemas.OpeningPrompt | None = None
 
     # Validation and tokens -----------------------------------------------------------
 
@@ -172,6 +180,19 @@ class ExplorerService:
             examples_available=self.examples is not None,
             hparams=dict(model.hparams_initial),
         )
+
+    def opening_prompt(self) -> schemas.OpeningPrompt:
+        """The prompt the page opens on, chosen once."""
+        with self._lock:
+            if self._opening is None:
+                self._opening = choose_opening_prompt(
+                    self._given_opening,
+                    self.examples,
+                    self.tokenizer,
+                    self.max_prompt_tokens,
+                    self.token_ids,
+                )
+            return self._opening
 
     # The cached analysis -------------------------------------------------------------
 

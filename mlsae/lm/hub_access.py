@@ -32,7 +32,6 @@ from mlsae.cli import UserError
 PROBE_TIMEOUT_S = 3.0
 """How long the one connection attempt that tells whether the hub can be reached may take."""
 
-QUICK_START = "the README's quick start works offline with quickstart/model and quickstart/data"
 
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 _TRUE = ("1", "ON", "YES", "TRUE")
@@ -132,19 +131,23 @@ def require_hub_id(name: str, what: str) -> None:
         raise PathNotFoundError(f"{what} {name!r} is neither a local path nor a hub id")
 
 
+MLSAE_REMEDY = (
+    "download it where the hub can be reached, or pass a local folder as --repo_id (the "
+    "README's quick start trains one offline, from quickstart/model and quickstart/data)"
+)
+LANGUAGE_MODEL_REMEDY = (
+    "download it where the hub can be reached, or pass a local folder as --model_name "
+    "(model_name= in Python), such as the README's quick start's quickstart/model"
+)
+DATASET_REMEDY = "pass local files with --path, such as the README's quick start's quickstart/data"
+
+
 def unreachable(what: str, name: str, reason: str, remedy: str) -> HubUnreachableError:
     """The error for `name` that must come from the hub, which `reason` keeps out of reach."""
     return HubUnreachableError(
         f"cannot load {what} {name!r}: {reason}, and it is not in the local cache "
-        f"({constants.HF_HUB_CACHE}); {remedy} ({QUICK_START})"
+        f"({constants.HF_HUB_CACHE}); {remedy}"
     )
-
-
-MLSAE_REMEDY = "download it where the hub can be reached, or pass a local folder as --repo_id"
-LANGUAGE_MODEL_REMEDY = (
-    "download it where the hub can be reached, or pass a local folder as --model_name "
-    "(model_name= in Python)"
-)
 
 
 def hub_file(repo_id: str, filename: str, what: str, **download_kwargs: Any) -> str:
@@ -202,6 +205,5 @@ def require_hub_dataset(name: str) -> None:
     reason = offline_reason()
     if reason is not None:
         raise HubUnreachableError(
-            f"cannot stream the hub dataset {name!r}: {reason}; pass local files with --path "
-            f"({QUICK_START})"
+            f"cannot stream the hub dataset {name!r}: {reason}; {DATASET_REMEDY}"
         )

@@ -300,6 +300,11 @@ class UploadConfig:
     """The hub id of the -tfm model (default: the published naming for its hyperparameters);
     the plain autoencoder goes to the same id without -tfm."""
 
+    model_name: str | None = None
+    """The hub id (owner/name) of the language model the MLSAE was trained on, which the
+    published config names. Required when it was trained on a local folder, which nobody
+    else can load (default: the name it was trained with, when that is a hub id)."""
+
     output_dir: str = "out/upload"
     """Where both layouts are written before they are pushed."""
 

@@ -1,6 +1,9 @@
 """A tiny random MLSAE over the golden GPT-NeoX and an examples database made from it."""
 
+import json
+import sqlite3
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -70,3 +73,24 @@ def examples_db(model: MLSAETransformer, tmp_path_factory: pytest.TempPathFactor
     batches = [{"input_ids": torch.tensor([tokenizer(text)["input_ids"]])} for text in TEXTS]
     top = collect_examples(MLSAESource(model), batches, n_examples=4, n_tokens=2)
     return write_db(top.examples(tokenizer), tmp_path_factory.mktemp("examples") / "tiny.db")
+
+
+class TopExample(NamedTuple):
+    latent: int
+    layer: int
+    text: str
+    """Its context window decoded without special tokens."""
+
+
+def top_example(model: MLSAETransformer, examples_db: Path, max_tokens: int = 128) -> TopExample:
+    """The example with the largest activation in the database, read with plain SQL."""
+    connection = sqlite3.connect(examples_db)
+    try:
+        latent, layer, token_ids = connection.execute(
+            "SELECT latent, layer, token_ids FROM examples ORDER BY act DESC, id LIMIT 1"
+        ).fetchone()
+    finally:
+        connection.close()
+    ids = json.loads(token_ids)[:max_tokens]
+    text = model.transformer.tokenizer.decode(ids, skip_special_tokens=True)
+    return TopExample(latent, layer, text)

@@ -83,6 +83,7 @@ def test_page_static_files_and_openapi(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     for path in (
         "/api/params",
+        "/api/opening-prompt",
         "/api/tokenize",
         "/api/metrics",
         "/api/activations",
@@ -422,6 +423,40 @@ def test_every_prompt_route_answers_prompts_of_every_length(
         assert len(body["tokens"]) == n_tokens
     if path == "/api/py/prompt/latent-activations":
         assert len(body["values"][0]) == n_tokens
+
+
+@pytest.mark.parametrize("length", list(PROMPTS_BY_LENGTH))
+def test_the_opening_prompt_route_answers_prompts_of_every_length(
+    model: MLSAETransformer, length: str
+) -> None:
+    prompt, n_tokens = PROMPTS_BY_LENGTH[length]
+    prompt = context_filling_prompt(model) if prompt is None else prompt
+    client = local_client(create_app(model, opening_prompt=prompt), raise_server_exceptions=False)
+    response = client.get("/api/opening-prompt")
+    assert response.status_code == 200, response.text
+    assert strict_json(response.text) == {
+        "prompt": prompt,
+        "source": "option",
+        "latent": None,
+        "layer": None,
+    }
+    tokens = post(client, "/api/tokenize", prompt=prompt)["tokens"]
+    assert len(tokens) == n_tokens
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3, None])
+@pytest.mark.parametrize("with_examples", [True, False], ids=["example", "fallback"])
+def test_the_chosen_opening_prompt_fits_the_longest_prompt(
+    model: MLSAETransformer, examples_db: Path, max_tokens: int | None, with_examples: bool
+) -> None:
+    app = create_app(model, examples_db if with_examples else None, max_prompt_tokens=max_tokens)
+    client = local_client(app, raise_server_exceptions=False)
+    response = client.get("/api/opening-prompt")
+    assert response.status_code == 200, response.text
+    prompt = strict_json(response.text)["prompt"]
+    assert 1 <= token_ids(model, prompt).shape[1] <= (max_tokens or 128)
+    response = client.post("/api/activations", json={"prompt": prompt})
+    assert response.status_code == 200, response.text
 
 
 # Caching -------------------------------------------------------------------------------------

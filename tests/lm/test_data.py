@@ -266,6 +266,7 @@ def test_hub_ids_are_not_local_paths(monkeypatch):
         return "stream"
 
     monkeypatch.setattr("mlsae.lm.documents.datasets.load_dataset", fake_load_dataset)
+    monkeypatch.setattr("mlsae.lm.hub_access.offline_reason", lambda: None)  # The hub is up.
     assert load_text_dataset("monology/pile-uncopyrighted") == "stream"
     assert calls == [
         ("monology/pile-uncopyrighted", {"name": None, "split": "train", "streaming": True})

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import pytest
@@ -132,7 +133,9 @@ def test_save_pretrained_round_trip(tmp_path, golden):
     assert not any(key.startswith(("loss_", "logits_")) for key in saved)
     assert "transformer.model.embed_out.weight" in saved
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
-    assert config["model_name"] == TINY_NEOX and config["expansion_factor"] == 8
+    # The language model's folder, stored relative to the saved model's.
+    assert os.path.normpath(tmp_path / "saved" / config["model_name"]) == str(TINY_NEOX)
+    assert config["expansion_factor"] == 8
     loaded = MLSAETransformer.from_pretrained(tmp_path / "saved")
     with torch.no_grad():
         a, b = model(golden["tokens"]), loaded(golden["tokens"])

@@ -90,12 +90,14 @@ def test_train_resume_and_upload(workdir: Path, tmp_path: Path):
     assert checkpoint["mlsae"]["tokens_seen"] == 12 * 64
     assert checkpoint["mlsae"]["micro_batches_seen"] == 12
 
-    uploaded = run("upload.py", ["--ckpt_path", str(last)], workdir, tmp_path)
+    # Trained on a local folder: the published config names the hub id given.
+    hub_id = ["--model_name", "someone/tiny-gpt-neox-2"]
+    uploaded = run("upload.py", ["--ckpt_path", str(last), *hub_id], workdir, tmp_path)
     assert "nothing was pushed" in uploaded.stdout
     tfm = workdir / "out" / "upload" / "mlsae-tiny-gpt-neox-2-x8-k6-tfm"
     sae = workdir / "out" / "upload" / "mlsae-tiny-gpt-neox-2-x8-k6"
     assert "transformer" not in json.loads((sae / "config.json").read_text())
-    assert json.loads((tfm / "config.json").read_text())["model_name"] == "tiny-gpt-neox-2"
+    assert json.loads((tfm / "config.json").read_text())["model_name"] == hub_id[1]
     from mlsae.model import MLSAE
     from mlsae.model.lightning import MLSAETransformer
 

@@ -95,7 +95,10 @@ def test_uploading_a_truncated_checkpoint_is_one_error_line(capsys, run_dir, tmp
 
 def test_upload_reads_the_checkpoint_strictly(run_dir, tmp_path):
     sae_dir = upload_command.main(
-        ["--ckpt_path", str(last_checkpoint(run_dir)), "--output_dir", str(tmp_path)]
+        [
+            *("--ckpt_path", str(last_checkpoint(run_dir)), "--output_dir", str(tmp_path)),
+            *("--model_name", "someone/tiny-gpt-neox-2"),
+        ]
     )[1]
     from mlsae.model import MLSAE
 

@@ -5,12 +5,15 @@
 
 const state = {
   params: null,
-  prompt: "",
+  opening: null, // the server's opening prompt (/api/opening-prompt)
+  requested: null, // the prompt last sent for analysis
+  prompt: "", // the prompt analysed and shown
   tokens: [],
   activations: null,
   layer: 0,
   pos: 0,
   latent: null,
+  trace: null, // the selected latent's activations on the prompt
   factor: 10,
   generation: 0,
 };
@@ -120,14 +123,17 @@ async function loadParams() {
   );
 }
 
-async function analyse(prompt) {
+// Analyse a prompt and show it; with `record`, the address becomes #prompt=<the prompt>
+// (a new history entry). Resolves to whether this prompt is the one shown.
+async function analyse(prompt, { record = true } = {}) {
   const generation = ++state.generation;
+  state.requested = prompt;
   const button = $("analyse");
   button.disabled = true;
   showError(null);
   try {
     const activations = await api("/api/activations", { prompt });
-    if (generation !== state.generation) return;
+    if (generation !== state.generation) return false;
     state.prompt = prompt;
     state.activations = activations;
     state.tokens = activations.tokens;
@@ -135,7 +141,9 @@ async function analyse(prompt) {
     state.layer = best.layer;
     state.pos = best.pos;
     state.latent = null;
-    history.replaceState(null, "", "#prompt=" + encodeURIComponent(prompt));
+    state.trace = null;
+    if (record) recordPrompt(prompt);
+    renderPromptSource();
     $("results").hidden = false;
     renderTokens();
     renderHeatmap();
@@ -144,8 +152,10 @@ async function analyse(prompt) {
     renderLogits();
     renderHistograms();
     renderMetrics();
+    return true;
   } catch (error) {
-    showError(error);
+    if (generation === state.generation) showError(error);
+    return false;
   } finally {
     if (generation === state.generation) button.disabled = false;
   }
@@ -168,6 +178,7 @@ function select({ layer = state.layer, pos = state.pos }) {
   renderHeatmap();
   renderCell();
   renderHistogramSelection();
+  if (state.trace) renderLatentTokens(state.trace);
   renderLogits();
 }
 
@@ -268,6 +279,79 @@ function renderCell() {
 
 // Histograms and metrics --------------------------------------------------------------
 
+const SVG = "http://www.w3.org/2000/svg";
+
+function svgElement(tag, attributes = {}, text = null) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
+  if (text !== null) node.textContent = text;
+  return node;
+}
+
+const compactNumber = new Intl.NumberFormat("en", { notation: "compact", maximumFractionDigits: 1 });
+
+// Counts 0, step, 2 step, ... up to the first at or above `top`: a step of 1, 2 or 5 times a
+// power of ten, so that the axis has at most four intervals.
+function countTicks(top) {
+  const rough = Math.max(1, top / 4);
+  const power = 10 ** Math.floor(Math.log10(rough));
+  const step = [1, 2, 5, 10].map((multiple) => multiple * power).find((value) => value >= rough);
+  const ticks = [0];
+  while (ticks[ticks.length - 1] < top) ticks.push(ticks[ticks.length - 1] + step);
+  return ticks;
+}
+
+// One layer's histogram: bars over the bins, a count axis on the left, the activation
+// range below. Every layer shares `ticks`, so that heights compare across layers.
+function histogramSvg(counts, edges, ticks) {
+  const [left, top, width, height] = [30, 6, 210, 64];
+  const axisTop = ticks[ticks.length - 1];
+  const y = (count) => top + height - (count / axisTop) * height;
+  const svg = svgElement("svg", {
+    viewBox: `0 0 ${left + width + 2} ${top + height + 14}`,
+    width: "100%",
+    class: "histogram",
+  });
+  for (const tick of ticks) {
+    svg.append(
+      svgElement("line", {
+        x1: left,
+        x2: left + width,
+        y1: y(tick),
+        y2: y(tick),
+        class: "grid",
+        "data-count": tick,
+      }),
+      svgElement(
+        "text",
+        { x: left - 4, y: y(tick) + 3, "text-anchor": "end", class: "tick", "data-count": tick },
+        compactNumber.format(tick),
+      ),
+    );
+  }
+  const barWidth = width / counts.length;
+  counts.forEach((count, bin) => {
+    const rect = svgElement("rect", {
+      x: left + bin * barWidth + 0.5,
+      y: y(count),
+      width: Math.max(barWidth - 1, 1),
+      height: y(0) - y(count),
+      class: "bar",
+      "data-count": count,
+    });
+    rect.append(svgElement("title", {}, `${edges[bin].toFixed(2)}–${edges[bin + 1].toFixed(2)}: ${count}`));
+    svg.append(rect);
+  });
+  svg.append(svgElement("line", { x1: left, x2: left, y1: top, y2: y(0), class: "axis" }));
+  for (const [x, label, anchor] of [
+    [left, "0", "start"],
+    [left + width, edges[edges.length - 1].toFixed(1), "end"],
+  ]) {
+    svg.append(svgElement("text", { x, y: y(0) + 12, "text-anchor": anchor, class: "tick" }, label));
+  }
+  return svg;
+}
+
 async function renderHistograms() {
   const generation = state.generation;
   const box = $("histograms");
@@ -275,47 +359,13 @@ async function renderHistograms() {
   try {
     const histograms = await api("/api/histograms", { prompt: state.prompt, bins: 32 });
     if (generation !== state.generation) return;
-    const width = 240;
-    const height = 64;
-    const top = Math.max(1, ...histograms.counts.flat());
-    const last = histograms.edges[histograms.edges.length - 1];
+    const ticks = countTicks(Math.max(1, ...histograms.counts.flat()));
     box.replaceChildren(
       ...histograms.counts.map((counts, layer) => {
-        const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-        svg.setAttribute("viewBox", `0 0 ${width} ${height + 14}`);
-        svg.setAttribute("width", "100%");
-        const barWidth = width / counts.length;
-        counts.forEach((count, bin) => {
-          const rect = document.createElementNS(svg.namespaceURI, "rect");
-          const barHeight = (count / top) * height;
-          rect.setAttribute("x", bin * barWidth + 0.5);
-          rect.setAttribute("y", height - barHeight);
-          rect.setAttribute("width", Math.max(barWidth - 1, 1));
-          rect.setAttribute("height", barHeight);
-          rect.setAttribute("fill", "#3b82f6");
-          const tip = document.createElementNS(svg.namespaceURI, "title");
-          const [low, high] = [histograms.edges[bin], histograms.edges[bin + 1]];
-          tip.textContent = `${low.toFixed(2)}–${high.toFixed(2)}: ${count}`;
-          rect.append(tip);
-          svg.append(rect);
-        });
-        for (const [x, label, anchor] of [
-          [0, "0", "start"],
-          [width, last.toFixed(1), "end"],
-        ]) {
-          const text = document.createElementNS(svg.namespaceURI, "text");
-          text.setAttribute("x", x);
-          text.setAttribute("y", height + 12);
-          text.setAttribute("font-size", "10");
-          text.setAttribute("fill", "#66717d");
-          text.setAttribute("text-anchor", anchor);
-          text.textContent = label;
-          svg.append(text);
-        }
         const total = counts.reduce((sum, count) => sum + count, 0);
         return el("figure", { class: layer === state.layer ? "selected" : "", "data-layer": layer }, [
           el("figcaption", { text: `Layer ${layer} · ${total} activations` }),
-          svg,
+          histogramSvg(counts, histograms.edges, ticks),
         ]);
       }),
     );
@@ -367,15 +417,18 @@ async function renderMetrics() {
 
 // One latent ----------------------------------------------------------------------------
 
-function selectLatent(latent) {
+// Open a latent's panel; with `focus`, then select the position where it fires most at
+// the selected layer.
+function selectLatent(latent, { focus = false } = {}) {
   state.latent = latent;
+  state.trace = null;
   $("steer-layer").value = String(state.layer);
   renderCell();
-  renderLatent();
+  renderLatent({ focus });
   renderLogits();
 }
 
-async function renderLatent() {
+async function renderLatent({ focus = false } = {}) {
   const latent = state.latent;
   $("latent-empty").hidden = latent !== null;
   $("latent-body").hidden = latent === null;
@@ -390,15 +443,55 @@ async function renderLatent() {
     return [null, null];
   });
   if (!trace || generation !== state.generation || latent !== state.latent) return;
+  state.trace = trace;
   $("latent-summary").textContent =
     trace.layer_mean === null
       ? "Does not fire on this prompt."
       : `On this prompt: max ${trace.max.toFixed(2)}, mean layer ${trace.layer_mean.toFixed(2)}.`;
-  heatmapTable($("latent-heatmap"), trace.acts, {
-    isSelected: (layer, pos) => layer === state.layer && pos === state.pos,
-    onClick: (layer, pos) => select({ layer, pos }),
-  });
+  renderLatentTokens(trace);
   renderExamples(examples);
+  const row = trace.acts[state.layer];
+  if (focus && Math.max(...row) > 0) select({ pos: row.indexOf(Math.max(...row)) });
+}
+
+// The prompt's tokens, wrapped to the panel's width: each token over one small cell per
+// layer, shaded by the latent's activation there; the token itself is shaded by the
+// largest of them.
+function renderLatentTokens(trace) {
+  const top = Math.max(1e-9, ...trace.acts.flat());
+  const columns = state.tokens.map((token) => {
+    const pos = token.pos;
+    const values = trace.acts.map((row) => row[pos]);
+    const peak = Math.max(...values);
+    const cells = values.map((value, layer) =>
+      el("span", {
+        class: "layer-cell" + (layer === state.layer && pos === state.pos ? " selected" : ""),
+        "data-layer": layer,
+        "data-value": value.toFixed(4),
+        style: `background:${heatColour(value / top)}`,
+        onclick: (event) => {
+          event.stopPropagation();
+          select({ layer, pos });
+        },
+      }),
+    );
+    return el(
+      "span",
+      {
+        class: "token-column" + (pos === state.pos ? " selected" : ""),
+        "data-pos": pos,
+        title:
+          `"${token.token}" (position ${pos})\n` +
+          values.map((value, layer) => `layer ${layer}: ${value.toFixed(3)}`).join("\n"),
+        onclick: () => select({ pos }),
+      },
+      [el("span", { class: "tok", text: tokenText(token.token), style: `background:${exampleColour(peak / top)}` }), ...cells],
+    );
+  });
+  $("latent-tokens").replaceChildren(...columns);
+  $("latent-tokens-legend").textContent =
+    `Under each token, one cell per layer (0 to ${trace.acts.length - 1}, top to bottom), ` +
+    `darker where the latent fires more (up to ${top.toFixed(2)}); click one to select it.`;
 }
 
 function renderExamples(response) {
@@ -527,13 +620,70 @@ async function renderLogits() {
   }
 }
 
-// Start -----------------------------------------------------------------------------------
+// The address and the opening prompt ------------------------------------------------------
 
-function initialPrompt() {
-  const match = location.hash.match(/^#prompt=(.*)$/);
-  if (match) return decodeURIComponent(match[1]);
-  return "When Mary and John went to the store, John gave a drink to";
+// The prompt that the address names (#prompt=<percent-encoded text>), or null.
+function promptFromAddress() {
+  const match = location.hash.match(/^#prompt=([^]*)$/);
+  if (!match || !match[1]) return null;
+  try {
+    return decodeURIComponent(match[1]);
+  } catch {
+    throw new Error("the address's #prompt= is not percent-encoded text (see encodeURIComponent)");
+  }
 }
+
+function recordPrompt(prompt) {
+  const hash = "#prompt=" + encodeURIComponent(prompt);
+  if (location.hash !== hash) history.pushState(null, "", hash);
+}
+
+// Analyse the prompt the address names, or the opening prompt when it names none.
+async function openFromAddress() {
+  let prompt;
+  try {
+    prompt = promptFromAddress();
+  } catch (error) {
+    showError(error);
+    return;
+  }
+  if (prompt === null) {
+    openOpening();
+  } else if (prompt !== state.requested) {
+    $("prompt").value = prompt;
+    analyse(prompt, { record: false });
+  }
+}
+
+// The opening prompt; for the context of a top example, with that example's latent open at
+// its layer.
+async function openOpening() {
+  const opening = state.opening;
+  if (opening.prompt === state.requested) return;
+  $("prompt").value = opening.prompt;
+  const shown = await analyse(opening.prompt, { record: false });
+  if (!shown || opening.latent === null) return;
+  select({ layer: opening.layer });
+  selectLatent(opening.latent, { focus: true });
+}
+
+function renderPromptSource() {
+  const opening = state.opening;
+  const box = $("prompt-source");
+  box.hidden = !opening || state.prompt !== opening.prompt;
+  if (box.hidden) return;
+  box.textContent = {
+    option: "The server's opening prompt (--prompt).",
+    example:
+      `The context of the top example of latent #${opening.latent} at layer ${opening.layer}, ` +
+      "from the examples database; the latent is open on the right.",
+    fallback:
+      "A fixed sentence: start the server with --prompt, or with an examples database, " +
+      "to open on text the model knows.",
+  }[opening.source];
+}
+
+// Start -----------------------------------------------------------------------------------
 
 document.addEventListener("DOMContentLoaded", async () => {
   $("prompt-form").addEventListener("submit", (event) => {
@@ -550,12 +700,14 @@ document.addEventListener("DOMContentLoaded", async () => {
     event.preventDefault();
     renderLogits();
   });
-  $("prompt").value = initialPrompt();
   try {
-    await loadParams();
+    [, state.opening] = await Promise.all([loadParams(), api("/api/opening-prompt")]);
   } catch (error) {
     showError(error);
     return;
   }
-  if (location.hash.startsWith("#prompt=")) analyse($("prompt").value);
+  // Back, forward, and an address edited by hand (which fires both events).
+  window.addEventListener("popstate", openFromAddress);
+  window.addEventListener("hashchange", openFromAddress);
+  openFromAddress();
 });
