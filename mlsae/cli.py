@@ -70,6 +70,17 @@ def run_command(main: Callable[[], T]) -> T:
         raise SystemExit(stopped.exit_status) from None
 
 
+class _HelpFormatter(simple_parsing.SimpleHelpFormatter):
+    """simple_parsing's help, without a second default where the text gives one already
+    or the default is None (whose meaning the text says)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 class _SuggestingParser(simple_parsing.ArgumentParser):
     """simple_parsing's parser, whose error for an unknown option names the closest one."""
 
@@ -104,6 +115,7 @@ def parse(
     valid one."""
     parser = _SuggestingParser(
         nested_mode=simple_parsing.NestedMode.WITHOUT_ROOT,
+        formatter_class=_HelpFormatter,
         description=description or config_class.__doc__,
     )
     parser.add_arguments(config_class, dest="config")

@@ -3,6 +3,7 @@ exit status 2, and, without the hub, no more than the one attempt that tells it 
 reach (none with HF_HUB_OFFLINE=1)."""
 
 import importlib
+import re
 import shutil
 import warnings
 
@@ -156,3 +157,20 @@ def test_parse_still_parses():
     config = parse(RunConfig, ["--expansion_factor", "4", "-k", "3", "--path", "x"])
     assert (config.autoencoder.expansion_factor, config.autoencoder.k) == (4, 3)
     assert config.data.path == "x"
+
+
+@pytest.mark.parametrize("command", ["train", "test", *ANALYSES])
+def test_help_gives_each_default_once_and_every_option_some_help(capsys, command):
+    module = {"train": train_command, "test": test_command}
+    main = module[command].main if command in module else analysis_main(command)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    options = re.split(r"\n  (?=-)", capsys.readouterr().out)[1:]
+    assert len(options) > 5
+    for option in options:
+        name, _, text = " ".join(option.split()).partition(" ")
+        assert "(default: None)" not in text, name
+        assert text.lower().count("default") <= 1 or "(default:" not in text, name
+        words = re.sub(r"\{.*?\}|\[.*?\]|--?\w+|\b(list|bool|str|int|float)\b", "", text)
+        assert re.search(r"[a-z]{4}", words), f"{name} has no help"
