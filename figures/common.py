@@ -1,5 +1,5 @@
-"""What the figure scripts share: the models of a sweep, loading or computing their dists,
-and writing figures and tables."""
+"""What the figure scripts share: the models of a sweep, parsing the command line, and
+writing figures and tables (the dists of the models: figures.dists_input)."""
 
 import csv
 import json
@@ -10,18 +10,15 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from itertools import product
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import simple_parsing
 import torch
 from matplotlib.figure import Figure
 from simple_parsing import field
 
 from mlsae.analysis.config import DEFAULT_MODEL_NAME
-from mlsae.analysis.dists import Dists, DistsConfig, save_dists
-from mlsae.analysis.run import save_and_report
-from mlsae.cli import DataConfig, initialize, require_local_data
-from mlsae.names import cache_path, get_repo_id, model_label, parse_repo_id
+from mlsae.cli import ConfigError, initialize, parse
+from mlsae.names import get_repo_id, model_label, parse_repo_id
 from mlsae.utils import get_device
 
 DPI = 200
@@ -117,7 +114,7 @@ class SweepConfig:
             transformer = None
             if self.model_name:
                 if len(self.model_name) > 1:
-                    raise ValueError("with --repo_id, give at most one --model_name")
+                    raise ConfigError("with --repo_id, give at most one --model_name")
                 transformer = self.model_name[0]
             return [describe_model(repo_id, transformer) for repo_id in self.repo_id]
         specs = []
@@ -141,98 +138,22 @@ class SweepConfig:
         return torch.device(self.device) if self.device else get_device()
 
 
-DistsSource = Literal["auto", "compute", "hub"]
-
-
-@dataclass
-class DistsSweepConfig(SweepConfig):
-    """A sweep whose figures need the dists of each model (the data options are used only
-    to compute missing dists)."""
-
-    data: DataConfig = dataclass_field(
-        default_factory=lambda: DataConfig(path="data/test.jsonl.zst", split="test")
-    )
-
-    analysis_dir: str = "out"
-    """Where mlsae.analysis.dists caches dists: read from there, and written there when
-    computed."""
-
-    dists_source: DistsSource = "auto"
-    """Where dists missing from --analysis_dir come from: `compute` them with
-    mlsae.analysis.dists on the data options (and cache them in --analysis_dir), download
-    the published `-dists` dataset from the `hub`, or `auto`: compute for a local model
-    folder, download for a hub id."""
-
-    recompute: bool = False
-    """Compute the dists even when --analysis_dir has them."""
-
-    count_special_tokens: bool = False
-    """When computing dists, count the zeroed special-token positions (as the original)."""
-
-
-def dists_command(spec: ModelSpec, analysis_dir: str) -> str:
-    transformer = f" --model_name {spec.transformer}" if spec.transformer else ""
-    return (
-        f"python -m mlsae.analysis.dists --repo_id {spec.repo_id}{transformer} --output_dir "
-        f"{analysis_dir} --path <data> --split <split> --max_length <n> --batch_size <n> "
-        "--max_tokens <n>"
-    )
-
-
-def load_dists(config: DistsSweepConfig, spec: ModelSpec) -> Dists:
-    """The dists of one model: the file --repo_id names, the cache in --analysis_dir, or
-    (see --dists_source) computed or downloaded."""
-    device = config.torch_device()
-    path = Path(spec.repo_id)
-    if path.is_file() or (path.is_dir() and not (path / "config.json").exists()):
-        return Dists.load(spec.repo_id, device)
-    cached = cache_path(spec.repo_id, "dists", "safetensors", config.analysis_dir)
-    if cached.exists() and not config.recompute:
-        print(f"Dists of {spec.repo_id}: {cached}")
-        return Dists.from_file(cached, device)
-
-    source = config.dists_source
-    if source == "auto":
-        source = "compute" if path.is_dir() else "hub"
-    if source == "hub":
-        try:
-            return Dists.from_hub(spec.repo_id, device)
-        except Exception as error:
-            raise RuntimeError(
-                f"{cached} does not exist and the published dists of {spec.repo_id} could not "
-                f"be downloaded ({type(error).__name__}: {error}). Compute them first with\n  "
-                f"{dists_command(spec, config.analysis_dir)}\nor pass --dists_source compute "
-                "with those data options."
-            ) from error
-    dists_config = DistsConfig(
-        data=config.data,
-        repo_id=spec.repo_id,
-        model_name=spec.transformer,
-        count_special_tokens=config.count_special_tokens,
-        output_dir=config.analysis_dir,
-        device=config.device,
-        seed=config.seed,
-    )
-    try:
-        require_local_data(config.data.path)
-        return save_and_report(dists_config, save_dists)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(
-            f"cannot compute the dists of {spec.repo_id}: {error}\nPass the data options "
-            f"(--path, --split, --max_tokens, ...), or compute them first with\n  "
-            f"{dists_command(spec, config.analysis_dir)}"
-        ) from error
-
-
 def parse_config(config_class: type, args: Sequence[str] | None, description: str | None):
-    """Parse the command line (the module docstring is the description) and seed."""
-    config = simple_parsing.parse(
-        config_class,
-        args=list(args) if args is not None else None,
-        description=description,
-    )
+    """Parse the command line (the module docstring is the description; an unknown option
+    names the closest one) and seed."""
+    config = parse(config_class, list(args) if args is not None else None, description)
     initialize(config.seed)
     return config
+
+
+def one_line(text: str) -> str:
+    """`text` with its line breaks and runs of spaces as single spaces, for an `error:` line."""
+    return " ".join(text.split())
+
+
+def describe_error(error: BaseException) -> str:
+    """`Type: message` of `error`, on one line, to quote in another error's message."""
+    return f"{type(error).__name__}: {one_line(str(error))}"
 
 
 def new_figure(width: float, height: float) -> Figure:

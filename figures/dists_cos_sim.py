@@ -25,13 +25,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from figures.common import (
-    DistsSweepConfig,
-    load_dists,
     new_figure,
     parse_config,
     save_figure,
 )
+from figures.dists_input import DistsSweepConfig, load_dists
 from mlsae.analysis.dists import Dists
+from mlsae.cli import run_command
 
 
 @dataclass
@@ -98,4 +98,4 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -24,14 +24,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from figures.common import (
-    DistsSweepConfig,
-    load_dists,
     new_figure,
     parse_config,
     save_figure,
 )
+from figures.dists_input import DistsSweepConfig, load_dists
 from figures.dists_layer_mean import layer_mean_histogram, layer_mean_values, plot_histogram
 from mlsae.analysis.dists import Dists
+from mlsae.cli import run_command
 
 COLORMAP = "magma_r"
 
@@ -139,4 +139,4 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -22,13 +22,13 @@ import torch
 from matplotlib.axes import Axes
 
 from figures.common import (
-    DistsSweepConfig,
-    load_dists,
     new_figure,
     parse_config,
     save_figure,
 )
+from figures.dists_input import DistsSweepConfig, load_dists
 from mlsae.analysis.dists import Dists
+from mlsae.cli import run_command
 
 BINS_PER_LAYER = 16
 
@@ -138,4 +138,4 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -17,15 +17,15 @@ from typing import Any
 
 from figures.common import (
     MODEL_COLUMNS,
-    DistsSweepConfig,
-    load_dists,
     mean_sem_cell,
     parse_config,
     plot_mean_sem,
     value_cell,
     write_tables,
 )
+from figures.dists_input import DistsSweepConfig, load_dists
 from mlsae.analysis.dists import layer_std_stats
+from mlsae.cli import run_command
 
 
 def layer_std_records(config: DistsSweepConfig) -> list[dict[str, Any]]:
@@ -58,4 +58,4 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

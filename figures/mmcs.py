@@ -12,12 +12,17 @@ distribution of each model's max cosine similarities) and `mmcs_<model>.csv` (la
 max_cos_sim, partner).
 """
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from jaxtyping import Float
+from safetensors import SafetensorError
+from torch import Tensor
 
 from figures.common import (
     MODEL_COLUMNS,
@@ -30,6 +35,10 @@ from figures.common import (
     write_tables,
 )
 from mlsae.analysis.mmcs import load_decoder, max_cos_sim, summary_row, write_latents
+from mlsae.cli import ConfigError, UserError, run_command
+from mlsae.lm.hub_access import hub_file, require_local
+
+WEIGHTS = "model.safetensors"
 
 
 @dataclass
@@ -40,6 +49,41 @@ class MMCSFigureConfig(SweepConfig):
     """Decoder columns per chunk of similarities (default: 2**26 similarities a chunk)."""
 
 
+def decoder_folder(repo_id: str) -> str:
+    """The local folder with the `model.safetensors` of the model `repo_id` (a folder, or a
+    hub id: its copy in the hub cache, downloaded if need be); an error at once for a
+    missing folder or file, a file, or a hub model that cannot be had."""
+    if os.path.isfile(repo_id):
+        raise ConfigError(
+            f"{repo_id} is a file: pass the folder that holds the model's {WEIGHTS} and config.json"
+        )
+    if os.path.isdir(repo_id):
+        if not os.path.isfile(os.path.join(repo_id, WEIGHTS)):
+            raise UserError(
+                f"{repo_id} has no {WEIGHTS}: pass the folder of a pretrained MLSAE "
+                "(-tfm or plain autoencoder)"
+            )
+        return repo_id
+    require_local(repo_id, "the model folder")
+    return os.path.dirname(hub_file(repo_id, WEIGHTS, "the MLSAE"))
+
+
+def read_decoder(repo_id: str, device: torch.device) -> Float[Tensor, "d_model latent"]:
+    """The decoder weight of the pretrained model `repo_id` (see `decoder_folder`)."""
+    folder = decoder_folder(repo_id)
+    try:
+        return load_decoder(folder, device)
+    except KeyError as error:  # A safetensors file without a decoder.
+        raise UserError(
+            f"{error.args[0]}: pass a pretrained MLSAE (-tfm or plain autoencoder)"
+        ) from error
+    except SafetensorError as error:
+        raise UserError(
+            f"cannot read {os.path.join(folder, WEIGHTS)} ({error}): pass the folder of a "
+            "pretrained MLSAE (-tfm or plain autoencoder)"
+        ) from error
+
+
 def main(args: Sequence[str] | None = None) -> list[Path]:
     config: MMCSFigureConfig = parse_config(MMCSFigureConfig, args, __doc__)
     output_dir = Path(config.output_dir)
@@ -47,7 +91,7 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
     values: list[np.ndarray] = []
     paths = []
     for spec in config.models():
-        decoder = load_decoder(spec.repo_id, config.torch_device())
+        decoder = read_decoder(spec.repo_id, config.torch_device())
         result = max_cos_sim(decoder, chunk_size=config.chunk_size)
         summary = summary_row(spec.repo_id, None, result)
         records.append(
@@ -78,4 +122,4 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -20,6 +20,7 @@ import numpy as np
 from figures.common import SweepConfig, new_figure, parse_config, save_figure
 from mlsae.analysis.heatmaps import DEFAULT_PROMPT, PromptLatents, prompt_latents
 from mlsae.analysis.source import load_source
+from mlsae.cli import run_command
 from mlsae.metrics import FIRING_THRESHOLD
 
 
@@ -95,4 +96,4 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

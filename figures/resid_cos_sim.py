@@ -22,11 +22,19 @@ from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
-from figures.common import new_figure, parse_config, save_figure, write_csv
+from figures.common import (
+    describe_error,
+    new_figure,
+    one_line,
+    parse_config,
+    save_figure,
+    write_csv,
+)
 from mlsae.analysis.config import DEFAULT_MODEL_NAME
 from mlsae.analysis.geometry import Centre, GeometryConfig, save_geometry
 from mlsae.analysis.run import save_and_report
-from mlsae.cli import DataConfig
+from mlsae.cli import DataConfig, UserError, require_local_data, run_command
+from mlsae.lm.hub_access import require_local
 
 FLOAT_COLUMNS = ("norm", "cos_sim", "cos_sim_std", "centred_cos_sim", "centred_cos_sim_std")
 
@@ -102,17 +110,37 @@ def load_geometry(config: ResidCosSimConfig, model_name: str) -> list[dict[str, 
     path = Path(config.analysis_dir) / f"{geometry.name()}-geometry.csv"
     if path.exists() and not config.recompute:
         print(f"Geometry of {model_name}: {path}")
-        return read_geometry(path)
+        return read_cached_geometry(path)
+    require_local(model_name, "the language model folder")
     try:
-        save_and_report(geometry, save_geometry)
+        require_local_data(config.data.path)
     except FileNotFoundError as error:
         raise FileNotFoundError(
-            f"cannot compute the geometry of {model_name}: {error}\nPass the data options "
-            "(--path, --split, --max_tokens, ...), or compute it first with\n  python -m "
-            f"mlsae.analysis.geometry --model_name {model_name} --output_dir "
-            f"{config.analysis_dir} --path <data> --max_tokens <n>"
+            one_line(
+                f"cannot compute the geometry of {model_name}: {error} Or compute it first "
+                f"with `python -m mlsae.analysis.geometry --model_name {model_name} "
+                f"--output_dir {config.analysis_dir} --path <data> --max_tokens <n>`"
+            )
         ) from error
+    save_and_report(geometry, save_geometry)
     return read_geometry(path)
+
+
+def read_cached_geometry(path: Path) -> list[dict[str, Any]]:
+    """The rows of a geometry CSV kept from an earlier run; an error that says to compute it
+    again when it is not one."""
+    try:
+        rows = read_geometry(path)
+    except (KeyError, ValueError) as error:
+        problem = describe_error(error)
+    else:
+        if rows:
+            return rows
+        problem = "it has no rows"
+    raise UserError(
+        f"{path} is not a geometry CSV of mlsae.analysis.geometry ({problem}): pass "
+        "--recompute to compute it again"
+    )
 
 
 def layer_name(layer: int) -> str:
@@ -172,4 +200,4 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -34,6 +34,8 @@ from figures.common import (
     value_cell,
     write_tables,
 )
+from mlsae.cli import UserError, run_command
+from mlsae.lm.hub_access import require_local
 from mlsae.names import csv_name
 
 
@@ -70,10 +72,13 @@ class TablesConfig(SweepConfig):
     """Leave out the models without a test CSV instead of stopping."""
 
 
-def read_test_csv(path: str | Path) -> dict[str, float]:
-    """The first row of a CSV that test.py wrote, as floats (NaN where empty)."""
+def read_test_csv(path: str | Path) -> dict[str, float] | None:
+    """The first row of a CSV that test.py wrote, as floats (NaN where empty); None when it
+    has no rows."""
     with open(path, newline="") as file:
-        row = next(csv.DictReader(file))
+        row = next(csv.DictReader(file), None)
+    if row is None:
+        return None
     return {
         name: float(value) if value not in ("", None) else math.nan for name, value in row.items()
     }
@@ -122,22 +127,42 @@ def missing_csv_command(spec: ModelSpec, analysis_dir: str) -> str:
     return f"python test.py --repo_id {spec.repo_id} --output_dir {analysis_dir}"
 
 
+def read_model_csv(spec: ModelSpec, path: Path, analysis_dir: str) -> dict[str, float]:
+    metrics = read_test_csv(path)
+    if metrics is None:
+        raise UserError(
+            f"{path} has no rows: run `{missing_csv_command(spec, analysis_dir)}` again"
+        )
+    return metrics
+
+
+def missing_csvs(missing: list[tuple[ModelSpec, Path]], analysis_dir: str) -> str:
+    """One line naming the models without a test CSV and the command that writes it."""
+    if len(missing) == 1:
+        spec, path = missing[0]
+        command = missing_csv_command(spec, analysis_dir)
+        return f"no test CSV for {spec.repo_id} ({path}): run `{command}` with the data options"
+    models = ", ".join(f"{spec.repo_id} ({path})" for spec, path in missing)
+    command = f"python test.py --repo_id <model> --output_dir {analysis_dir}"
+    return f"no test CSV for {models}: run `{command}` with the data options for each"
+
+
 def load_metrics(config: TablesConfig) -> list[tuple[ModelSpec, dict[str, float]]]:
+    """The test metrics of each model; an error naming the models without any (whose local
+    folder must exist), unless --skip_missing leaves them out."""
     found, missing = [], []
     for spec in config.models():
         path = Path(config.analysis_dir) / csv_name(spec.repo_id)
         if path.exists():
-            found.append((spec, read_test_csv(path)))
+            found.append((spec, read_model_csv(spec, path, config.analysis_dir)))
         else:
+            require_local(spec.repo_id, "the model folder")
             missing.append((spec, path))
     if missing:
-        message = "no test CSV for:\n" + "\n".join(
-            f"  {spec.repo_id}: {path} (run: {missing_csv_command(spec, config.analysis_dir)} "
-            "with the data options)"
-            for spec, path in missing
-        )
+        message = missing_csvs(missing, config.analysis_dir)
         if not config.skip_missing or not found:
-            raise FileNotFoundError(message)
+            skip = ", or pass --skip_missing" if found else ""
+            raise FileNotFoundError(message + skip)
         print(f"Skipping models: {message}")
     return found
 
@@ -185,4 +210,4 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -19,6 +19,7 @@ LAYERS = {
     "mlsae.metrics": 1,
     "mlsae.lm": 2,
     "mlsae.model": 3,
+    "mlsae.saes": 3.5,
     "mlsae.trainer": 4,
     "mlsae.analysis": 4,
     "mlsae.explorer": 5,

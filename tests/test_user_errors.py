@@ -118,6 +118,27 @@ def test_test_of_a_language_model_folder_says_what_it_is(capsys, unreachable_hub
     assert unreachable_hub == []
 
 
+def test_test_loads_a_model_with_the_language_model_named_by_model_name(
+    capsys, tmp_path, monkeypatch, unreachable_hub
+):
+    # The golden model stores "tiny-gpt-neox-2", which is not found from tmp_path.
+    shutil.copytree(GOLDENS / "mlsae-tfm-trained", tmp_path / "model")
+    shutil.copytree(TINY, tmp_path / "elsewhere" / "lm")
+    monkeypatch.chdir(tmp_path)
+    args = ["--repo_id", "model", "--path", CORPUS, "--max_length", "32", "--batch_size", "2",
+            "--max_tokens", "64", "--output_dir", "out"]  # fmt: skip
+    line = error_line(capsys, test_command.main, args)
+    assert "'tiny-gpt-neox-2'" in line and "--model_name" in line
+    (written,) = test_command.main([*args, "--model_name", "elsewhere/lm"])
+    assert written.is_file()
+    line = error_line(capsys, test_command.main, [*args, "--model_name", "elsewhere/lm", "b/c"])
+    assert line == (
+        "error: with --repo_id, give one --model_name (the language model to load model with), "
+        "got 2"
+    )
+    assert unreachable_hub == ["huggingface.co"]  # the one probe that tells the hub is away
+
+
 @pytest.mark.parametrize(
     ("command", "args", "wrong", "right"),
     [

@@ -46,6 +46,7 @@ from mlsae.analysis.run import AnalysedModel, Saved, run_analysis
 from mlsae.analysis.source import LatentBatch, LatentSource
 from mlsae.cli import DataConfig, run_command
 from mlsae.files import atomic_output
+from mlsae.lm.documents import load_local_dataset
 from mlsae.metrics.layers import layer_distribution, layer_mean, layer_variance
 from mlsae.names import cache_path, derived_name
 
@@ -264,13 +265,13 @@ def _load_rows_file(path: Path) -> datasets.Dataset:
     builder = _DATA_EXTENSIONS.get(Path(name).suffix)
     if builder is None:
         raise ValueError(f"cannot read dists from {path}: expected .safetensors or rows")
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
+    return load_local_dataset(builder, data_files=str(path), split="train")
 
 
 def _load_rows_folder(path: Path) -> datasets.Dataset | datasets.DatasetDict:
     if any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
         return datasets.load_from_disk(str(path))
-    return datasets.load_dataset(str(path), split="train")
+    return load_local_dataset(str(path), split="train")
 
 
 class DistsAccumulator:

@@ -13,15 +13,17 @@ examples are kept on the device of the model while streaming, in tensors of
 The examples are written to SQLite, `<output_dir>/<owner>-<name>-examples.db`, with the
 columns of a published `-examples` dataset (`id, latent, layer, token_id, token, act,
 token_ids, tokens, acts`; the last three are JSON strings of the context window), and the
-identity of the model that wrote them (see `mlsae.analysis.examples_db`). Read them with
-`Examples(repo_id).get(layer, latent)`; `Examples` also imports published `-examples`
-datasets (hub or local files) into that cache.
+identity of the model that wrote them (see `mlsae.analysis.examples_db`), under a second
+progress bar that counts the rows written; the last line says how many went where. Read
+them with `Examples(repo_id).get(layer, latent)`; `Examples` also imports published
+`-examples` datasets (hub or local files) into that cache.
 
 Unlike the original, windows never cross into the neighbouring sequence nor come out
 empty near its start (it sliced the flattened batch), special tokens are left out by
 default, and exactly `max_tokens // (batch_size * max_length)` batches are processed.
 """
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
@@ -236,28 +238,54 @@ class TopExamples:
             act_chunks.append(acts.masked_fill(~counted, 0))
         return torch.cat(token_chunks), torch.cat(act_chunks)
 
+    def __len__(self) -> int:
+        """How many examples are kept (the rows that `examples` yields)."""
+        return int(torch.isfinite(self.values).sum())
+
     def examples(self, tokenizer: PreTrainedTokenizerBase) -> Iterator[Example]:
         """The kept examples, by latent, then layer, then act descending."""
-        values, token_ids, window_token_ids, window_acts = (
+        by_latent = [
             tensor.view(self.n_layers, self.n_latents, *tensor.shape[1:]).transpose(0, 1).cpu()
             for tensor in (self.values, self.token_ids, self.window_token_ids, self.window_acts)
-        )
+        ]
         decoded = _TokenNames(tokenizer)
-        for latent, layer, example in torch.isfinite(values).nonzero().tolist():
-            ids = window_token_ids[latent, layer, example]
-            inside = ids >= 0
-            window_ids = ids[inside].tolist()
-            token_id = int(token_ids[latent, layer, example])
-            yield Example(
-                latent=latent,
-                layer=layer,
-                token_id=token_id,
-                token=decoded.decode(token_id),
-                act=float(values[latent, layer, example]),
-                token_ids=window_ids,
-                tokens=decoded.tokens(window_ids),
-                acts=window_acts[latent, layer, example][inside].float().tolist(),
-            )
+        for latent in range(self.n_latents):
+            # One conversion to Python lists per latent: indexing tensors element by element
+            # would cost more than everything else done per example.
+            columns = [tensor[latent].tolist() for tensor in by_latent]
+            for layer, slots in enumerate(zip(*columns, strict=True)):
+                yield from _layer_examples(latent, layer, *slots, decoded)
+
+
+def _layer_examples(
+    latent: int,
+    layer: int,
+    values: list[float],
+    token_ids: list[int],
+    window_token_ids: list[list[int]],
+    window_acts: list[list[float]],
+    decoded: "_TokenNames",
+) -> Iterator[Example]:
+    """The examples of one (layer, latent) from its slots as Python lists (empty slots,
+    valued `-inf`, left out; window positions outside the sequence, -1, dropped)."""
+    for value, token_id, ids, acts in zip(
+        values, token_ids, window_token_ids, window_acts, strict=True
+    ):
+        if not math.isfinite(value):
+            continue
+        if min(ids) < 0:
+            inside = [index for index, window_id in enumerate(ids) if window_id >= 0]
+            ids, acts = [ids[index] for index in inside], [acts[index] for index in inside]
+        yield Example(
+            latent=latent,
+            layer=layer,
+            token_id=token_id,
+            token=decoded.decode(token_id),
+            act=value,
+            token_ids=ids,
+            tokens=decoded.tokens(ids),
+            acts=acts,
+        )
 
 
 class _Candidates(NamedTuple):
@@ -291,11 +319,13 @@ class _TokenNames:
         return self._decoded[token_id]
 
     def tokens(self, token_ids: list[int]) -> list[str]:
-        missing = [token_id for token_id in token_ids if token_id not in self._tokens]
-        if missing:
+        try:
+            return [self._tokens[token_id] for token_id in token_ids]
+        except KeyError:
+            missing = [token_id for token_id in token_ids if token_id not in self._tokens]
             names = self.tokenizer.convert_ids_to_tokens(missing)
             self._tokens.update(zip(missing, names, strict=True))
-        return [self._tokens[token_id] for token_id in token_ids]
+            return [self._tokens[token_id] for token_id in token_ids]
 
 
 @torch.no_grad()
@@ -331,15 +361,18 @@ def save_examples(config: ExamplesConfig) -> Saved[Examples]:
     )
     path = model.output_path("examples", "db")
     notes = model.replacement_notes(path, read_origin(path))
+    n_rows = len(top)
     write_db(
         top.examples(source.tokenizer),
         path,
         n_layers=source.n_layers,
         n_latents=source.n_latents,
         origin=model.origin,
+        progress=True,
+        total=n_rows,
     )
     examples = Examples(path)
-    outputs = [(f"the examples of {model.repo_id}", path)]
+    outputs = [(f"{n_rows:,} examples of {model.repo_id}", path)]
     return Saved(examples, outputs, notes, push=examples.push_to_hub, dataset_id=model.dataset_id())
 
 

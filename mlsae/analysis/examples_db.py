@@ -7,91 +7,44 @@ written beside their destination and moved into place once complete (see
 
 Each database records its origin (`mlsae.analysis.identity`): the model that wrote it,
 or the dataset it was imported from, in a one-row table `model`. `Examples` given a
-model refuses a database of another model.
+model refuses a database of another model. Its rows are `Example`s
+(`mlsae.analysis.examples_schema`, re-exported here).
 """
 
 import errno
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import datasets
 from tqdm.auto import tqdm
 
+from mlsae.analysis.examples_schema import COLUMNS, FEATURES, Example
 from mlsae.analysis.identity import OutputOrigin, check_origin, resolve_identity
 from mlsae.files import atomic_output
+from mlsae.lm.documents import load_local_dataset
 from mlsae.names import cache_path, derived_name
 
-COLUMNS = ("id", "latent", "layer", "token_id", "token", "act", "token_ids", "tokens", "acts")
-"""The columns of a published `-examples` dataset and of the SQLite table."""
-
-FEATURES = datasets.Features(
-    {
-        "id": datasets.Value("int64"),
-        "latent": datasets.Value("int64"),
-        "layer": datasets.Value("int64"),
-        "token_id": datasets.Value("int64"),
-        "token": datasets.Value("string"),
-        "act": datasets.Value("float64"),
-        "token_ids": datasets.Value("string"),
-        "tokens": datasets.Value("string"),
-        "acts": datasets.Value("string"),
-    }
-)
+__all__ = [
+    "COLUMNS",
+    "FEATURES",
+    "Example",
+    "Examples",
+    "create_db",
+    "import_dataset",
+    "insert_examples",
+    "read_origin",
+    "write_db",
+    "write_origin",
+]
 
 _INSERT_CHUNK_ROWS = 10_000
 _EXPORT_CHUNK_ROWS = 100_000
 _DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class Example(NamedTuple):
-    """One example: the token at which `latent` fired at `layer` and its context window.
-
-    The one declaration of an example's fields: the explorer's response schema
-    (`mlsae.explorer.schemas.Example`) is built from them."""
-
-    latent: int
-    layer: int
-    token_id: int
-    token: str
-    act: float
-    token_ids: list[int]
-    tokens: list[str]
-    acts: list[float]
-
-    def serialize(self) -> tuple[int | str | float, ...]:
-        """The row without its id, with the window lists as JSON strings."""
-        return (
-            self.latent,
-            self.layer,
-            self.token_id,
-            self.token,
-            self.act,
-            json.dumps(self.token_ids),
-            json.dumps(self.tokens),
-            json.dumps(self.acts),
-        )
-
-    @staticmethod
-    def from_row(row: Sequence[Any]) -> "Example":
-        """From a table row without its id."""
-        latent, layer, token_id, token, act, token_ids, tokens, acts = row
-        return Example(
-            latent, layer, token_id, token, act, _json(token_ids), _json(tokens), _json(acts)
-        )
-
-    @staticmethod
-    def from_dict(row: dict[str, Any]) -> "Example":
-        """From a dataset row (window columns as JSON strings or as lists)."""
-        return Example.from_row([row[name] for name in COLUMNS[1:]])
-
-
-def _json(value: str | list) -> list:
-    return json.loads(value) if isinstance(value, str) else list(value)
 
 
 def create_db(path: str | os.PathLike[str]) -> sqlite3.Connection:
@@ -120,8 +73,13 @@ def create_db(path: str | os.PathLike[str]) -> sqlite3.Connection:
     return connection
 
 
-def insert_examples(connection: sqlite3.Connection, examples: Iterable[Example]) -> int:
-    """Insert examples (new ids); returns how many."""
+def insert_examples(
+    connection: sqlite3.Connection,
+    examples: Iterable[Example],
+    inserted: Callable[[int], object] | None = None,
+) -> int:
+    """Insert examples (new ids); returns how many. `inserted` is called with the number
+    of rows of each chunk once it is inserted (a progress bar's `update`)."""
     n_rows = 0
     for chunk in _chunks((example.serialize() for example in examples), _INSERT_CHUNK_ROWS):
         connection.executemany(
@@ -130,6 +88,8 @@ def insert_examples(connection: sqlite3.Connection, examples: Iterable[Example])
             chunk,
         )
         n_rows += len(chunk)
+        if inserted is not None:
+            inserted(len(chunk))
     connection.commit()
     return n_rows
 
@@ -143,6 +103,11 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def _rows_bar(description: str, total: int | None, show: bool = True) -> tqdm:
+    """A progress bar over the rows of a database (none unless `show`)."""
+    return tqdm(total=total, desc=description, unit="row", disable=not show)
 
 
 def _is_sqlite_full(error: sqlite3.Error) -> bool:
@@ -203,16 +168,21 @@ def write_db(
     n_layers: int | None = None,
     n_latents: int | None = None,
     origin: OutputOrigin | None = None,
+    *,
+    progress: bool = False,
+    total: int | None = None,
 ) -> Path:
     """Replace the database at `path` with `examples` (written aside, then moved).
 
     With `n_layers` and `n_latents`, the database also records the model's shape, so
     that `Examples.get` can reject a layer or latent out of range; with `origin`, what
-    wrote it, so that `Examples` can refuse it to another model.
+    wrote it, so that `Examples` can refuse it to another model. With `progress`, a
+    progress bar counts the rows written (out of `total`, when given).
     """
     path = Path(path)
     with _new_database(path) as connection:
-        insert_examples(connection, examples)
+        with _rows_bar("writing examples", total, progress) as bar:
+            insert_examples(connection, examples, inserted=bar.update)
         if n_layers is not None and n_latents is not None:
             connection.execute("CREATE TABLE shape (n_layers INTEGER, n_latents INTEGER)")
             connection.execute("INSERT INTO shape VALUES (?, ?)", (n_layers, n_latents))
@@ -237,7 +207,7 @@ def import_dataset(
     placeholders = ", ".join("?" * len(columns))
     statement = f"INSERT INTO examples ({', '.join(columns)}) VALUES ({placeholders})"
     with _new_database(path) as connection:
-        progress = tqdm(total=len(dataset), desc="importing examples", unit="row")
+        progress = _rows_bar("importing examples", len(dataset))
         for rows in dataset.select_columns(columns).iter(batch_size=_INSERT_CHUNK_ROWS):
             for name in ("token_ids", "tokens", "acts"):
                 rows[name] = [
@@ -258,12 +228,12 @@ def _load_rows(path: Path) -> datasets.Dataset | datasets.DatasetDict:
     if path.is_dir():
         if any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
             return datasets.load_from_disk(str(path))
-        return datasets.load_dataset(str(path), split="train")
+        return load_local_dataset(str(path), split="train")
     name = path.name.removesuffix(".zst").removesuffix(".gz")
     builder = _DATA_EXTENSIONS.get(Path(name).suffix)
     if builder is None:
         raise ValueError(f"cannot read examples from {path}: expected .db, .jsonl or .parquet")
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
+    return load_local_dataset(builder, data_files=str(path), split="train")
 
 
 class Examples:
@@ -357,12 +327,15 @@ class Examples:
             yield dict(zip(COLUMNS, row, strict=True))
 
     def to_dataset(self) -> datasets.Dataset:
-        """The rows as an `-examples` dataset, built a chunk of rows at a time."""
+        """The rows as an `-examples` dataset, built a chunk of rows at a time under a
+        progress bar."""
         cursor = self.connection.execute(f"SELECT {', '.join(COLUMNS)} FROM examples ORDER BY id")
         parts = []
-        while rows := cursor.fetchmany(_EXPORT_CHUNK_ROWS):
-            columns = dict(zip(COLUMNS, map(list, zip(*rows, strict=True)), strict=True))
-            parts.append(datasets.Dataset.from_dict(columns, features=FEATURES))
+        with _rows_bar("exporting examples", len(self)) as bar:
+            while rows := cursor.fetchmany(_EXPORT_CHUNK_ROWS):
+                columns = dict(zip(COLUMNS, map(list, zip(*rows, strict=True)), strict=True))
+                parts.append(datasets.Dataset.from_dict(columns, features=FEATURES))
+                bar.update(len(rows))
         if not parts:
             return datasets.Dataset.from_dict({name: [] for name in COLUMNS}, features=FEATURES)
         return datasets.concatenate_datasets(parts)

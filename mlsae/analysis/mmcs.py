@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import hf_hub_download
 from jaxtyping import Float, Int
 from safetensors import safe_open
 from simple_parsing import field
@@ -32,6 +31,7 @@ from mlsae.analysis.config import DEFAULT_MODEL_NAME
 from mlsae.analysis.run import Saved, run_analysis
 from mlsae.cli import ConfigError, run_command
 from mlsae.files import atomic_output
+from mlsae.lm.hub_access import hub_file, require_local
 from mlsae.names import derived_name, get_repo_id
 from mlsae.utils import get_device
 
@@ -145,10 +145,11 @@ def load_decoder(
     """The decoder weight of a pretrained model, `-tfm` or plain autoencoder (hub id or local
     folder), read alone from its safetensors file."""
     repo_id = str(repo_id)
-    if os.path.isdir(repo_id):
-        path = os.path.join(repo_id, "model.safetensors")
+    require_local(repo_id, "the model folder")
+    if os.path.isdir(os.path.expanduser(repo_id)):
+        path = os.path.join(os.path.expanduser(repo_id), "model.safetensors")
     else:
-        path = hf_hub_download(repo_id=repo_id, filename="model.safetensors")
+        path = hub_file(repo_id, "model.safetensors", "the MLSAE")
     with safe_open(path, framework="pt", device="cpu") as file:
         for key in DECODER_KEYS:
             if key in file.keys():

@@ -33,6 +33,28 @@ def _mebibytes(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    """A count from the command line: a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 1 or more, not {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    """A TCP port from the command line: 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, not {text!r}")
+    return value
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Ends each option's help with its default, unless the help says it already."""
 
@@ -71,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Address to listen on. Requests must name it or localhost in their Host "
         "header; for 0.0.0.0, or behind a proxy, name the hosts with --allowed_hosts.",
     )
-    parser.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    parser.add_argument("--port", type=_port, default=8000, help="Port to listen on.")
     parser.add_argument(
         "--examples",
         default=None,
@@ -104,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cache_size",
-        type=int,
+        type=_positive_int,
         default=8,
         help="Prompts whose forward passes are kept, at most (--cache_mb bounds their memory).",
     )
@@ -123,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max_prompt_tokens",
-        type=int,
+        type=_positive_int,
         default=None,
         help="The longest prompt in tokens (default: the model's context length).",
     )
@@ -159,13 +181,30 @@ def check_model_folder(repo_id: str) -> None:
     if path.is_dir() or not looks_local(repo_id):
         return
     problem = "is a file, not a folder" if path.exists() else "does not exist"
-    siblings = [child.name for child in path.parent.glob("*") if child.is_dir()]
-    close = difflib.get_close_matches(path.name, siblings, n=1)
-    guess = f" (did you mean {path.parent / close[0]}?)" if close else ""
+    close = closest_folder(path)
+    guess = f" (did you mean {close}?)" if close else ""
     raise ConfigError(
         f"--repo_id {repo_id} {problem}{guess}: pass the folder of a trained model "
         "(out/runs/<run>/model, which train.py saves) or a hub id"
     )
+
+
+def closest_folder(path: Path) -> Path | None:
+    """The existing folder that `path` names with one part misspelled: its first part that
+    does not exist (its last, if all do) replaced by the closest folder name beside it, or
+    None when no such folder exists."""
+    parts = path.parts
+    missing = next(
+        (index for index in range(len(parts)) if not Path(*parts[: index + 1]).exists()),
+        len(parts) - 1,
+    )
+    parent = Path(*parts[:missing])
+    siblings = [child.name for child in parent.glob("*") if child.is_dir()]
+    for name in difflib.get_close_matches(parts[missing], siblings, n=3):
+        guess = parent.joinpath(name, *parts[missing + 1 :])
+        if guess.is_dir():
+            return guess
+    return None
 
 
 def find_examples(

@@ -86,12 +86,12 @@ def build_model(
     model_name = os.path.expanduser(model_name)
     # transformers renamed `torch_dtype` to `dtype` in 4.56.
     dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    kwargs: dict[str, Any] = {dtype_key: dtype, **hub_options}
+    kwargs: dict[str, Any] = {dtype_key: dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
         if load_weights:
-            return AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
+            return AutoModelForCausalLM.from_pretrained(model_name, **kwargs, **hub_options)
         config = AutoConfig.from_pretrained(model_name, **hub_options)
     except OSError as error:
         raise OSError(
@@ -99,7 +99,8 @@ def build_model(
             "folder as --model_name (model_name= in Python)"
         ) from error
     # Random initialisation would otherwise advance the global RNG, which loading weights
-    # does not: seeded runs must not depend on how the model was built.
+    # does not: seeded runs must not depend on how the model was built. `from_config` reads
+    # no files, so the hub options stay out of it (it rejects them).
     with torch.random.fork_rng(devices=[]):
         return AutoModelForCausalLM.from_config(config, **kwargs)
 

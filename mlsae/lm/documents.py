@@ -19,7 +19,7 @@ import logging
 import lzma
 import os
 from collections.abc import Callable, Iterator
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import datasets
 
@@ -116,9 +116,21 @@ def _local_files(path: str) -> list[str]:
     )
 
 
+def load_local_dataset(path: str, **options: Any) -> Any:
+    """`datasets.load_dataset` of local files (`path` a folder or a builder such as "json"),
+    which never reaches the network: datasets otherwise sends a download count for the
+    builder to its servers on every load."""
+    counting = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    try:
+        return datasets.load_dataset(path, **options)
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counting
+
+
 def _load_files(files: list[str], builder: str, label: str) -> datasets.IterableDataset:
     try:
-        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+        return load_local_dataset(builder, data_files=files, split="train", streaming=True)
     except StopIteration as error:
         raise ValueError(f"{label} holds no documents") from error
     except Exception as error:
@@ -127,7 +139,7 @@ def _load_files(files: list[str], builder: str, label: str) -> datasets.Iterable
 
 def _load_directory(path: str, split: str) -> datasets.IterableDataset:
     try:
-        return datasets.load_dataset(path, split=split, streaming=True)
+        return load_local_dataset(path, split=split, streaming=True)
     except (datasets.exceptions.DataFilesNotFoundError, FileNotFoundError) as error:
         raise FileNotFoundError(f"no readable data files in {path!r}: {error}") from error
     except StopIteration as error:

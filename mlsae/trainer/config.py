@@ -194,6 +194,11 @@ class TestConfig(SweepConfig):
     k: list[int] = field(default_factory=lambda: [32], alias="-k")
     """k of the published models to evaluate, one or more: -k 16 32."""
 
+    model_name: list[str] | None = None
+    """Transformers of the published models, one or more (default: EleutherAI/pythia-70m-
+    deduped); with --repo_id, the one language model to load it with instead of the one it
+    was trained on (a hub id or local folder)."""
+
     repo_id: str | None = None
     """A pretrained -tfm model: hub id or local folder (default: the published id
     for each model name, expansion factor and k)."""
@@ -216,6 +221,24 @@ class TestConfig(SweepConfig):
             yield self.repo_id
             return
         yield from super().repo_ids(transformer)
+
+    def __iter__(self) -> Iterator[tuple[str, int, int]]:
+        model_names = self.model_name or [DEFAULT_MODEL_NAME]
+        yield from product(model_names, self.expansion_factor, self.k)
+
+    def language_model(self) -> str | None:
+        """The language model that --model_name names for --repo_id, None to use the stored
+        one (without --repo_id, --model_name picks the published models instead)."""
+        if self.repo_id is None or self.model_name is None:
+            return None
+        if len(self.model_name) != 1:
+            from mlsae.cli import ConfigError
+
+            raise ConfigError(
+                f"with --repo_id, give one --model_name (the language model to load "
+                f"{self.repo_id} with), got {len(self.model_name)}"
+            )
+        return self.model_name[0]
 
     @classmethod
     def from_run(cls, config: "RunConfig") -> "TestConfig":

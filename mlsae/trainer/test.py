@@ -16,6 +16,7 @@ from mlsae.trainer.config import (
     check_precision,
     default_precision,
 )
+from mlsae.trainer.quiet import quiet_lightning
 from mlsae.trainer.summary import print_summary
 
 # The original's column order (see tests/data/goldens/test_output.csv); others follow.
@@ -47,11 +48,13 @@ def test_one(config: TestConfig, repo_id: str) -> Path:
     """Evaluate one pretrained model and write its CSV; returns the CSV's path."""
     data = config.data
     require_local_data(data.path)
-    model = MLSAETransformer.from_pretrained(
-        repo_id, count_special_tokens=config.count_special_tokens
-    )
+    options = {"count_special_tokens": config.count_special_tokens}
+    if config.language_model() is not None:
+        options["model_name"] = config.language_model()
+    model = MLSAETransformer.from_pretrained(repo_id, **options)
     model.requires_grad_(False)
     loader = held_out_stream(data, load_tokenizer(model.transformer.tokenizer))
+    quiet_lightning()
     trainer = Trainer(
         accelerator=config.accelerator,
         devices=1,

@@ -28,6 +28,7 @@ from mlsae.trainer.faults import (
     prune_orphan_checkpoints,
     remove_empty_folders,
 )
+from mlsae.trainer.quiet import quiet_lightning
 from mlsae.trainer.resume import RecordRun, check_resume
 from mlsae.trainer.summary import print_summary
 
@@ -76,21 +77,6 @@ def model_options(config: RunConfig) -> dict[str, Any]:
 
 def build_model(config: RunConfig) -> MLSAETransformer:
     return MLSAETransformer(**model_options(config))
-
-
-class _WithoutAdvertising(logging.Filter):
-    """Drops Lightning's advertising ("Tip: ... try installing litlogger ...")."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip:" not in record.getMessage()
-
-
-def quiet_lightning() -> None:
-    """Keep Lightning's useful messages, drop its advertising."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        target = logging.getLogger(name)
-        if not any(isinstance(f, _WithoutAdvertising) for f in target.filters):
-            target.addFilter(_WithoutAdvertising())
 
 
 def make_trainer(

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mlsae.analysis.mmcs import load_decoder, main, max_cos_sim, mmcs
+from mlsae.cli import run_command
 from mlsae.model.lightning import MLSAETransformer
 from tests.analysis import GOLDEN_MODEL, GOLDEN_TRANSFORMER
 from tests.goldens import GOLDENS
@@ -153,3 +154,27 @@ def test_help_lists_the_options(capsys):
         assert option in help_text
     for option in ("--output_dir", "--device"):
         assert option in help_text
+
+
+def test_a_hub_model_without_the_hub_is_one_error_line_and_no_lookup(
+    tmp_path, monkeypatch, capsys, hub_offline
+):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit) as stopped:
+        run_command(lambda: main(["--repo_id", "someone/not-cached"]))
+    assert stopped.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: cannot load the MLSAE 'someone/not-cached'")
+    assert "HF_HUB_OFFLINE" in line
+    assert hub_offline == []
+
+
+def test_a_misspelled_model_folder_names_the_closest(tmp_path, monkeypatch, capsys, hub_offline):
+    (tmp_path / "runs" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        run_command(lambda: main(["--repo_id", "runs/modle"]))
+    assert stopped.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == "error: the model folder runs/modle does not exist (did you mean runs/model?)"
+    assert hub_offline == []

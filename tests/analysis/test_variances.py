@@ -17,6 +17,7 @@ from mlsae.analysis.variances import (
 from mlsae.analysis.variances_original import (
     ORIGINAL_COLUMNS,
     STATISTICS,
+    OriginalVariancesAccumulator,
     collect_original_variances,
     original_model_columns,
 )
@@ -347,6 +348,48 @@ def test_original_matches_direct_computation_with_masks():
     assert variances.tokens == int(masks[0].sum()) + 2 * 12
     assert variances.row({"model_name": "m"})["step"] == 2
     assert variances.aggregate_over_token == pytest.approx(1 / expected["rel_var_t"])
+
+
+def test_original_with_zero_token_variance_gives_an_infinite_ratio_not_an_error(tmp_path):
+    # As in the default definition's test: every latent at one layer on every token (the
+    # negative value counts before ReLU, as a distribution of one entry).
+    batch = one_batch([[1.0, -1.0], [2.0, 3.0]], [[0, 1], [1, 0]])
+    accumulator = OriginalVariancesAccumulator(2, 2)
+    accumulator.update(batch)
+    variances = accumulator.compute()
+
+    expected = original_direct([dense_weights(batch, 2, relu=False)])
+    assert variances.exp_var_l_tf == expected["exp_var_l_tf"] == 0
+    # Both latents: q = (1/2, 1/2), so 1/2 - 1/4.
+    assert variances.exp_var_l_f == pytest.approx(expected["exp_var_l_f"]) == 0.25
+    assert variances.rel_var_t == 0
+    assert variances.aggregate_over_token == math.inf
+    write_csv([variances.row({"model_name": "m"})], tmp_path / "original.csv")
+
+    # Both sides 0 (latent 0 always at layer 0, latent 1 always at layer 1, so q is one
+    # layer too): the ratios are undefined.
+    still = OriginalVariancesAccumulator(2, 2)
+    still.update(one_batch([[-1.0, -1.0], [2.0, 3.0]], [[0, 0], [1, 1]]))
+    assert math.isnan(still.compute().rel_var_t)
+    assert math.isnan(still.compute().aggregate_over_token)
+
+
+def test_original_aggregate_counts_where_a_still_latent_is():
+    # docs/variances.md's example: one latent of a 4-layer model, only at layer 3, on 1
+    # token in 10 (value 0 elsewhere, so 0 / 0 there). Its distribution never spreads, yet
+    # the original's unnormalised q = (0, 0, 0, 0.1) scores 9 x 0.1 - 0.3^2 = 0.81.
+    values = torch.zeros(4, 1, 10, 1)
+    values[3, 0, 0, 0] = 1.0
+    batch = LatentBatch(TopK(values, torch.zeros(4, 1, 10, 1, dtype=torch.long)), None)
+    original = OriginalVariancesAccumulator(4, 1)
+    original.update(batch)
+    assert original.compute().exp_var_l_f == pytest.approx(0.81)
+    assert original.compute().exp_var_l_tf == 0
+
+    consistent = VariancesAccumulator(4, 1)
+    consistent.update(batch)
+    variances = consistent.compute()
+    assert variances.mean_aggregate_variance == variances.mean_token_variance == 0
 
 
 class WholeStreamSource:

@@ -71,6 +71,60 @@ def test_a_misspelled_model_folder_is_one_error_line(
 
 
 @pytest.mark.parametrize(
+    ("repo_id", "meant"),
+    [
+        ("out/runs/quickstrat/model", "out/runs/quickstart/model"),
+        ("out/rusn/quickstart/model", "out/runs/quickstart/model"),
+        ("./out/runs/quick-start/model", "out/runs/quickstart/model"),
+    ],
+)
+def test_a_misspelled_folder_above_the_model_is_named(
+    runs: Path, capsys: pytest.CaptureFixture[str], repo_id: str, meant: str
+) -> None:
+    line = run_explorer(["--repo_id", repo_id], capsys)
+    assert f"--repo_id {repo_id} does not exist (did you mean {meant}?)" in line
+
+
+def test_no_guess_without_a_model_folder_there(
+    runs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (runs / "out" / "runs" / "quickstarts").mkdir()  # close to the name, but holds no model
+    line = run_explorer(["--repo_id", "out/runs/quickstartz/model"], capsys)
+    assert "did you mean out/runs/quickstart/model?" in line
+    line = run_explorer(["--repo_id", "out/runs/quickstartz/weights"], capsys)
+    assert "did you mean" not in line
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--cache_size", "0"),
+        ("--cache_size", "two"),
+        ("--max_prompt_tokens", "0"),
+        ("--max_prompt_tokens", "-1"),
+        ("--port", "65536"),
+        ("--port", "-1"),
+    ],
+)
+def test_counts_and_ports_out_of_range_are_refused(
+    capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        explorer_main.parse_args(["--repo_id", "x", option, value])
+    assert stopped.value.code == 2
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert f"error: argument {option}: expected" in last_line
+    assert repr(value) in last_line
+
+
+def test_counts_and_ports_in_range_are_taken() -> None:
+    args = ["--repo_id", "x", "--cache_size", "1", "--max_prompt_tokens", "1", "--port", "0"]
+    options = explorer_main.parse_args(args)
+    assert (options.cache_size, options.max_prompt_tokens, options.port) == (1, 1, 0)
+    assert explorer_main.parse_args(["--repo_id", "x", "--port", "65535"]).port == 65535
+
+
+@pytest.mark.parametrize(
     "repo_id", ["./modl", "out/modl", "~/no-such-folder-here", "/no/such/folder", "a/b/c"]
 )
 def test_a_missing_local_path_is_refused_without_loading(

@@ -1,6 +1,7 @@
 """Telling local paths from hub ids, and whether the hub can be reached, before any lookup."""
 
 import pytest
+import torch
 
 from mlsae.lm import hub_access
 from mlsae.lm.documents import document_parts
@@ -56,4 +57,35 @@ def test_a_missing_local_data_folder_is_never_a_hub_dataset(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"'data/trian' \(did you mean 'data/train'\?\)"):
         document_parts("data/trian", "train")
+    assert hub_offline == []
+
+
+def _cache_hub_model(cache, repo_id: str, config) -> None:
+    """Lay out `config` as the hub client caches a downloaded model."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    config.save_pretrained(repo / "snapshots" / ("0" * 40))
+
+
+@pytest.mark.parametrize("load_weights", [False, True])
+def test_a_cached_hub_model_is_built_without_the_hub(
+    tmp_path, monkeypatch, hub_offline, load_weights
+):
+    from huggingface_hub import constants
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from mlsae.lm.architecture import build_model
+
+    config = GPTNeoXConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32,
+    )  # fmt: skip
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    _cache_hub_model(tmp_path, "someone/tiny-neox", config)
+    if load_weights:
+        snapshot = tmp_path / "models--someone--tiny-neox" / "snapshots" / ("0" * 40)
+        GPTNeoXForCausalLM(config).save_pretrained(snapshot)
+    model = build_model("someone/tiny-neox", load_weights, torch.float32, None)
+    assert model.config.num_hidden_layers == 2
     assert hub_offline == []
