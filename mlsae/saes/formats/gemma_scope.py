@@ -71,6 +71,13 @@ def check_shapes(file: Path, t: dict[str, torch.Tensor]) -> None:
 
 def load(path: Path, layer: int | None = None, site: str | None = None) -> SAE:
     file = path / "params.npz" if path.is_dir() else path
+    if "embedding" in file.parts[:-1] and layer_from_path(file) is None:
+        # These read the token embeddings on a scale of their own (SAELens rescales their
+        # weights by sqrt(d_in) in gemma_2_sae_huggingface_loader): not a site read here.
+        raise SAEFileError(
+            f"{file} is a Gemma Scope embedding SAE, which reads the token embeddings rather "
+            "than a block's site; load an SAE under layer_<L>/ instead"
+        )
     tensors = read_params(file)
     check_shapes(file, tensors)
     sae = LinearSAE(
