@@ -4,7 +4,8 @@
 stream after the block: not the embeddings, no final norm), captured with forward hooks
 on the blocks, so any causal LM whose blocks sit in one `nn.ModuleList` works (GPT-NeoX,
 GPT-2, Llama, Gemma 2, Qwen 2, ...). `Transformer.forward_at_layer` replaces the output of
-one block and lets the model run the rest, its own final norm and head included.
+one block and lets the model run the rest, its own final norm and head included;
+`read_sites` and `logits_with_site_replaced` do the same at any site (`mlsae.lm.sites`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from mlsae.lm.architecture import (
     text_config,
     validate_layers,
 )
+from mlsae.lm.sites import StopForward, read_sites, splice_site
 
 ReturnType = Literal["logits", "loss", "both"]
 
@@ -41,10 +43,6 @@ _CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "seq_l
 
 _UNBOUNDED_TOKENIZER = 10**9
 """Tokenizers without a real limit report a huge `model_max_length` (about 1e30)."""
-
-
-class _StopForward(Exception):
-    """Raised by a hook after the deepest selected block, to skip the rest of the model."""
 
 
 class Transformer(nn.Module):
@@ -201,14 +199,14 @@ class Transformer(nn.Module):
             def hook(module: nn.Module, args: Any, output: Any) -> None:
                 captured[index] = self._hidden_of(output)
                 if index == deepest:
-                    raise _StopForward
+                    raise StopForward
 
             return hook
 
         handles = [self.blocks[index].register_forward_hook(capture(index)) for index in blocks]
         try:
             self.model(input_ids=tokens, use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             for handle in handles:
@@ -219,6 +217,26 @@ class Transformer(nn.Module):
                 "the blocks found are not the ones its forward pass runs."
             )
         return captured
+
+    @torch.no_grad()
+    def read_sites(
+        self, tokens: Int[Tensor, "batch pos"], sites: list[tuple[int, str]]
+    ) -> dict[tuple[int, str], Float[Tensor, "batch pos width"]]:
+        """The unmasked activations at each `(block index, site)` (`mlsae.lm.sites`)."""
+        return read_sites(self.model, self.blocks, tokens.to(self.device), sites)
+
+    @torch.no_grad()
+    def logits_with_site_replaced(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        layer: int,
+        site: str,
+        replacement: Float[Tensor, "batch pos width"],
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """The logits with the activations at `site` of block `layer` (a block index, not a
+        position in `layers`) replaced by `replacement`, of their shape."""
+        tokens = tokens.to(self.device)
+        return splice_site(self.model, self.blocks, tokens, layer, site, replacement)
 
     @torch.no_grad()
     def special_token_mask(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:

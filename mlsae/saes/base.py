@@ -12,10 +12,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_in", "attn_z")
-"""Where an SAE reads: the residual stream entering (`resid_pre`) or leaving
-(`resid_post`) a block, the attention's output, the MLP's output, the normalised MLP input
-and the concatenated head outputs entering the attention's output projection."""
+from mlsae.lm.sites import SITES
 
 SPARSE_CHUNK = 4096
 """Vectors encoded at a time by `encode_sparse`, so that the dense latents of a long input
