@@ -3,7 +3,8 @@
 The published models are `tim-lawson/mlsae-<model>-x<E>-k<K>[-lens][-tfm]` (single-layer
 baselines `tim-lawson/sae-<model>-x<E>-k<K>[-tfm]-layers-<L>`); a run is named
 `mlsae-<model>-x<E>-k<K>[-layers-...]` unless `--run` names it; analyses write
-`<output_dir>/<owner>-<name>-<suffix>.<extension>` and test results `test_<name>.csv`.
+`<output_dir>/<owner>-<name>-<suffix>.<extension>` and test results `test_<name>.csv`; a
+stack of per-layer SAEs is named after its pattern or first SAE, ending in `-stack`.
 """
 
 import os
@@ -117,6 +118,21 @@ def cache_path(repo_id: str, suffix: str, extension: str, output_dir: str = "out
     """The local cache of an analysis, `<output_dir>/<owner>-<name>-<suffix>.<extension>`,
     as the original names it."""
     return Path(output_dir) / f"{derived_name(repo_id, suffix).replace('/', '-')}.{extension}"
+
+
+STACK_SUFFIX = "stack"
+"""What ends the name of a stack of per-layer SAEs, so that its outputs never take an
+MLSAE's name."""
+
+
+def stack_name(source: str) -> str:
+    """The name of the analysis outputs of a stack of per-layer SAEs given as `source` (a
+    pattern with `{layer}`, or its first SAE's path or hub id): its last two parts joined
+    by `-`, `{layer}` written `L`, then `-stack` (`saes/run/layer_{layer}` ->
+    `run-layer_L-stack`, `owner/sae-{layer}` -> `owner-sae-L-stack`)."""
+    parts = [part for part in source.replace("\\", "/").split("/") if part not in ("", ".", "~")]
+    name = "-".join(parts[-2:]).replace("{layer}", "L")
+    return f"{name}-{STACK_SUFFIX}"
 
 
 def csv_name(repo_id: str) -> str:

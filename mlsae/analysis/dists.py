@@ -14,6 +14,11 @@ with `--push_to_hub` the `-dists` dataset.
 Unlike the original, special-token positions are left out unless
 `--count_special_tokens`, and exactly `max_tokens // (batch_size * max_length)` batches
 are processed (the original processed two more).
+
+For a stack of per-layer SAEs (`--sae`), `counts[l, i]` is how often layer `l`'s own SAE
+fired its latent `i` and `totals[l, i]` the sum of those activations (after the SAE's
+activation function): each SAE's firing frequencies. Latent `i` of one layer is unrelated
+to latent `i` of another, so the per-latent statistics over layers mean nothing there.
 """
 
 import csv
@@ -51,17 +56,8 @@ from mlsae.metrics.layers import layer_distribution, layer_mean, layer_variance
 from mlsae.names import cache_path, derived_name
 
 LAYER_STD_COLUMNS = (
-    "model_name",
-    "n_layers",
-    "n_latents",
-    "expansion_factor",
-    "k",
-    "step",
-    "tokens",
-    "mean",
-    "var",
-    "std",
-    "sem",
+    *("model_name", "n_layers", "n_latents", "expansion_factor", "k"),  # the model
+    *("step", "tokens", "mean", "var", "std", "sem"),  # the layer std so far
 )
 
 _DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -278,7 +274,7 @@ class DistsAccumulator:
     """Streaming `counts` and `totals` per layer and latent, on the device of the latents.
 
     Every top-k entry counts, whatever its value (pre-ReLU, as published), except at
-    positions outside the batch's mask.
+    positions outside the batch's mask and the padding of a stack (`selected`).
     """
 
     def __init__(self, n_layers: int, n_latents: int) -> None:
@@ -291,18 +287,20 @@ class DistsAccumulator:
 
     def update(self, batch: LatentBatch) -> None:
         values, indices = batch.topk
+        device = indices.device
         if self.counts is None or self.totals is None:
             shape = (self.n_layers, self.n_latents)
-            self.counts = torch.zeros(shape, dtype=torch.int64, device=indices.device)
-            self.totals = torch.zeros(shape, dtype=torch.float32, device=indices.device)
+            self.counts = torch.zeros(shape, dtype=torch.int64, device=device)
+            self.totals = torch.zeros(shape, dtype=torch.float32, device=device)
+        ones = torch.ones_like(indices) if batch.selected is None else batch.selected.to(device)
         if batch.mask is not None:
-            mask = batch.mask.to(indices.device)
-            values, indices = values[:, mask], indices[:, mask]
+            mask = batch.mask.to(device)
+            values, indices, ones = values[:, mask], indices[:, mask], ones[:, mask]
             self.tokens += int(mask.sum())
         else:
             self.tokens += indices[0, ..., 0].numel()
         indices = indices.reshape(self.n_layers, -1)
-        self.counts.scatter_add_(1, indices, torch.ones_like(indices))
+        self.counts.scatter_add_(1, indices, ones.reshape(self.n_layers, -1).long())
         self.totals.scatter_add_(1, indices, values.reshape(self.n_layers, -1).float())
 
     def dists(self) -> Dists:

@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -40,6 +40,12 @@ class HeatmapsConfig(AnalysisConfig):
     """The latents of a pretrained MLSAE on one prompt, at every layer and position.
 
     The data options are not used: the only text is the prompt."""
+
+    stack_refusal: ClassVar[str | None] = (
+        "heatmaps follows each latent over layers (its mean layer), and latent i of one "
+        "layer's SAE is unrelated to latent i of another's: the explorer shows a stack's "
+        "latents on a prompt (python -m mlsae.explorer --sae ... --model_name ...)"
+    )
 
     prompt: str = DEFAULT_PROMPT
     """The text to analyse."""

@@ -117,8 +117,41 @@ def model_identity(model: Any) -> str:
     return digest.hexdigest()
 
 
+_SIMPLE = (int, float, str, bool, type(None))
+
+
+def stack_identity(stack: Any, transformer: Any) -> str:
+    """A SHA-256 (hex) that tells stacks of per-layer SAEs apart by what their latents are.
+
+    Like `model_identity`: every SAE's parameters (names, dtypes, shapes and bytes), where
+    it reads (layer, site), its format and its settings that are not tensors (such as a
+    top-k SAE's `k` and its input normalisation), and a sample of the transformer's
+    weights.
+    """
+    digest = hashlib.sha256()
+    for position, sae in enumerate(stack):
+        settings = {
+            name: value
+            for name, value in sorted(vars(sae).items())
+            if isinstance(value, _SIMPLE) and not name.startswith("_") and name != "training"
+        }
+        header = {"format": sae.format, "class": type(sae).__name__, **settings}
+        digest.update(json.dumps(header, sort_keys=True, default=str).encode())
+        normalisation = getattr(sae, "normalisation", None)
+        if normalisation is not None:
+            digest.update(repr(normalisation).encode())
+        for name, parameter in sorted(sae.named_parameters()):
+            _hash_tensor(digest, f"sae.{position}.{name}", parameter)
+    for name, parameter in sorted(transformer.named_parameters()):
+        _hash_sample(digest, f"transformer.{name}", parameter)
+    return digest.hexdigest()
+
+
 def source_identity(source: Any) -> str | None:
     """The identity of the model behind a `LatentSource`; None when it has none."""
+    stack = getattr(source, "stack", None)
+    if stack is not None:
+        return stack_identity(stack, source.transformer.model)
     model = getattr(source, "model", None)
     if model is None or not hasattr(model, "autoencoder"):
         return None

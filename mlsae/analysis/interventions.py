@@ -9,7 +9,9 @@ a stream is spliced in after one layer's block and the model runs the rest.
   standard deviation that standardisation removed at that position (1 without
   standardisation), so `factor` is the change in the latent's contribution in the
   autoencoder's space (comparable to its activations). With a tuned lens the step is
-  mapped back through the lens's inverse. Special positions are not steered.
+  mapped back through the lens's inverse. Special positions are not steered. For a stack of
+  per-layer SAEs, the step is what raising the latent of that layer's SAE by `factor`
+  adds to its reconstruction (`mlsae.analysis.stack_prompt.steering_step`).
 - `spliced_logits` compares the logits with such a stream spliced in at one layer against
   the model's own, both from one forward pass of a batch of two. KL divergences are
   KL(intervened || model's own), per position, in nats
@@ -24,9 +26,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mlsae.analysis.prompt import PromptAnalysis, PromptError, check_latent, check_layer
+from mlsae.analysis.prompt import (
+    PromptAnalysis,
+    PromptError,
+    PromptModel,
+    check_latent,
+    check_layer,
+)
+from mlsae.analysis.source import StackSource
+from mlsae.analysis.stack_prompt import logits_with_layer_replaced, steering_step
 from mlsae.metrics.spliced import logit_kldiv_per_position
-from mlsae.model.lightning import MLSAETransformer
 
 
 def reconstructed_stream(analysis: PromptAnalysis) -> Float[Tensor, "layer 1 pos d_model"]:
@@ -50,7 +59,7 @@ def steering_positions(
 
 @torch.no_grad()
 def steered_stream(
-    model: MLSAETransformer,
+    model: PromptModel,
     analysis: PromptAnalysis,
     latent: int,
     layer: int,
@@ -70,6 +79,14 @@ def steered_stream(
         in_chosen[torch.tensor(chosen, dtype=torch.long, device=steered.device)] = True
         steered &= in_chosen
     inputs = analysis.inputs
+    if isinstance(model, StackSource):
+        d_sae = model.stack[layer].d_sae
+        if latent >= d_sae:
+            raise PromptError(f"latent must be in [0, {d_sae}) at layer {layer}, not {latent}")
+        step = steering_step(model, inputs[layer], layer, latent, factor, steered)
+        stream = analysis.raw.clone()
+        stream[layer] += step
+        return stream
     direction = model.autoencoder.decoder.weight[:, latent].to(inputs.dtype)
     in_layer = torch.zeros(model.n_layers, dtype=torch.bool, device=inputs.device)
     in_layer[layer] = True
@@ -92,7 +109,7 @@ class SplicedLogits:
 
 
 @torch.no_grad()
-def model_logits(model: MLSAETransformer, analysis: PromptAnalysis) -> Float[Tensor, "pos vocab"]:
+def model_logits(model: PromptModel, analysis: PromptAnalysis) -> Float[Tensor, "pos vocab"]:
     """The model's own logits on the prompt."""
     logits = model.transformer.model(input_ids=analysis.token_ids, use_cache=False).logits
     return logits[0].float()
@@ -100,7 +117,7 @@ def model_logits(model: MLSAETransformer, analysis: PromptAnalysis) -> Float[Ten
 
 @torch.no_grad()
 def spliced_logits(
-    model: MLSAETransformer,
+    model: PromptModel,
     analysis: PromptAnalysis,
     layer: int,
     stream: Float[Tensor, "layer 1 pos d_model"],
@@ -111,7 +128,10 @@ def spliced_logits(
     check_layer(model, layer)
     stack = torch.cat([analysis.raw, stream], dim=1)
     tokens = analysis.token_ids.expand(2, -1)
-    logits = model.transformer.forward_at_layer(stack, layer, "logits", tokens).float()
+    if isinstance(model, StackSource):
+        logits = logits_with_layer_replaced(model, tokens, layer, stack[layer]).float()
+    else:
+        logits = model.transformer.forward_at_layer(stack, layer, "logits", tokens).float()
     own, spliced = logits[0], logits[1]
     return SplicedLogits(own=own, spliced=spliced, kl_div=position_kldiv(own, spliced))
 

@@ -1,5 +1,5 @@
-"""One prompt through a pretrained MLSAE: the analysis that the explorer serves and that
-`mlsae.analysis.heatmaps` writes.
+"""One prompt through a pretrained MLSAE, or a stack of per-layer SAEs: the analysis that
+the explorer serves and that `mlsae.analysis.heatmaps` writes.
 
 `analyse_prompt(model, prompt)` tokenises the prompt (at most the transformer's context
 length), runs the transformer and the autoencoder once, and keeps what every question about
@@ -16,6 +16,9 @@ Conventions:
 - Metrics are those of `mlsae.metrics`, on the positions that count: FVU and MSE compare
   the autoencoder's inputs with its reconstructions in its own space (after the tuned
   lens, if any); L0 counts the activations above the model's dead threshold.
+- A stack of per-layer SAEs (`StackSource`) gives each layer's latents from that layer's
+  SAE, at its own site, after its activation function (`mlsae.analysis.stack_prompt`);
+  L0 counts its non-zero activations.
 """
 
 from dataclasses import dataclass
@@ -25,10 +28,15 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from torchmetrics import Metric
 
+from mlsae.analysis.source import StackSource
+from mlsae.analysis.stack_prompt import run_stack, stack_spliced_metrics
 from mlsae.cli import UserError
 from mlsae.metrics import LayerwiseFVU, LayerwiseL0Norm, LayerwiseMSE, layer_mean
 from mlsae.model.autoencoder import standardize
 from mlsae.model.lightning import MLSAETransformer, ResidualStream
+
+PromptModel = MLSAETransformer | StackSource
+"""What analyses a prompt: a pretrained MLSAE, or a stack of per-layer SAEs."""
 
 
 class PromptError(UserError, ValueError):
@@ -80,7 +88,7 @@ class PromptAnalysis:
 # Tokens -------------------------------------------------------------------------------------
 
 
-def longest_prompt(model: MLSAETransformer) -> int:
+def longest_prompt(model: PromptModel) -> int:
     """The most tokens a prompt may have: the transformer's context length, or the length
     the MLSAE was trained on where the transformer does not say."""
     context = model.transformer.context_length
@@ -97,9 +105,7 @@ def unicode_problem(text: str) -> str | None:
     return None
 
 
-def prompt_token_ids(
-    model: MLSAETransformer, prompt: str, max_tokens: int | None = None
-) -> list[int]:
+def prompt_token_ids(model: PromptModel, prompt: str, max_tokens: int | None = None) -> list[int]:
     """The token ids of `prompt`, at most `max_tokens` of them (default: `longest_prompt`);
     a `PromptError` that says what is wrong otherwise. Error messages never repeat the
     prompt."""
@@ -120,7 +126,7 @@ def prompt_token_ids(
     return token_ids
 
 
-def check_layer(model: MLSAETransformer, layer: int) -> int:
+def check_layer(model: PromptModel, layer: int) -> int:
     """`layer`, if it is a position in the model's stack; a `PromptError` otherwise."""
     if not 0 <= layer < model.n_layers:
         raise PromptError(
@@ -130,7 +136,7 @@ def check_layer(model: MLSAETransformer, layer: int) -> int:
     return layer
 
 
-def check_latent(model: MLSAETransformer, latent: int) -> int:
+def check_latent(model: PromptModel, latent: int) -> int:
     """`latent`, if the model has it; a `PromptError` otherwise."""
     if not 0 <= latent < model.n_latents:
         raise PromptError(f"latent must be in [0, {model.n_latents}), not {latent}")
@@ -141,7 +147,7 @@ def check_latent(model: MLSAETransformer, latent: int) -> int:
 
 
 def analyse_prompt(
-    model: MLSAETransformer, prompt: str, max_tokens: int | None = None
+    model: PromptModel, prompt: str, max_tokens: int | None = None
 ) -> PromptAnalysis:
     """The analysis of `prompt` (see `prompt_token_ids` for `max_tokens`)."""
     token_ids = torch.tensor([prompt_token_ids(model, prompt, max_tokens)], device=model.device)
@@ -149,9 +155,11 @@ def analyse_prompt(
 
 
 @torch.no_grad()
-def analyse_tokens(model: MLSAETransformer, token_ids: Int[Tensor, "1 pos"]) -> PromptAnalysis:
+def analyse_tokens(model: PromptModel, token_ids: Int[Tensor, "1 pos"]) -> PromptAnalysis:
     """The transformer's residual stream and the autoencoder's output for one sequence."""
     token_ids = token_ids.to(model.device)
+    if isinstance(model, StackSource):
+        return analyse_stack_tokens(model, token_ids)
     stream = model.residual_stream(token_ids)
     output = model.autoencoder(stream.inputs)
     n_positions = token_ids.shape[1]
@@ -177,6 +185,27 @@ def analyse_tokens(model: MLSAETransformer, token_ids: Int[Tensor, "1 pos"]) -> 
         recons=model.to_transformer_space(output.recons),
         encoded_recons=output.recons,
         scale=scale,
+    )
+
+
+def analyse_stack_tokens(source: StackSource, token_ids: Int[Tensor, "1 pos"]) -> PromptAnalysis:
+    """Each SAE's activations, latents and reconstruction for one sequence (`stream.raw`
+    and `stream.inputs` are both what the SAEs read, unmasked)."""
+    stack_pass = run_stack(source, token_ids)
+    special = source.transformer.special_token_mask(token_ids)
+    mask = source.mask(token_ids)
+    counted = mask[0] if mask is not None else torch.ones_like(special[0])
+    activations, recons = stack_pass.activations, stack_pass.recons
+    return PromptAnalysis(
+        token_ids=token_ids,
+        special=special[0],
+        counted=counted,
+        stream=ResidualStream(activations, activations, mask, special),
+        values=stack_pass.topk.values[:, 0].masked_fill(~counted[None, :, None], 0.0),
+        indices=stack_pass.topk.indices[:, 0],
+        recons=recons,
+        encoded_recons=recons,
+        scale=torch.ones_like(activations[..., :1]),
     )
 
 
@@ -289,11 +318,14 @@ def _computed(metric: Metric, analysis: PromptAnalysis) -> Tensor:
 
 
 @torch.no_grad()
-def prompt_metrics(model: MLSAETransformer, analysis: PromptAnalysis) -> PromptMetrics:
+def prompt_metrics(model: PromptModel, analysis: PromptAnalysis) -> PromptMetrics:
     """Per layer: FVU, MSE, L0 and, with the layer's reconstruction spliced in, the
     next-token loss and the KL divergence from the model's own predictions."""
     n_layers = model.n_layers
-    spliced = model.spliced_metrics(analysis.token_ids, analysis.stream, analysis.recons)
+    if isinstance(model, StackSource):
+        spliced = stack_spliced_metrics(model, analysis.token_ids, analysis.stream, analysis.recons)
+    else:
+        spliced = model.spliced_metrics(analysis.token_ids, analysis.stream, analysis.recons)
     n_counted = int(analysis.counted.sum())
     nan = torch.full((n_layers,), torch.nan)
     predicts = analysis.n_positions > 1  # a next token to predict
@@ -304,17 +336,34 @@ def prompt_metrics(model: MLSAETransformer, analysis: PromptAnalysis) -> PromptM
         own_loss=own_loss,
         fvu=_computed(LayerwiseFVU(n_layers), analysis),
         mse=_computed(LayerwiseMSE(n_layers), analysis),
-        l0=_computed(LayerwiseL0Norm(n_layers, model.dead_threshold), analysis),
+        l0=_computed(LayerwiseL0Norm(n_layers, firing_threshold(model)), analysis),
         loss=loss,
         loss_delta=loss - own_loss,
         kl_div=spliced["kl_per_token"].float().cpu(),
     )
 
 
+def firing_threshold(model: PromptModel) -> float:
+    """The activation above which L0 counts a latent: the MLSAE's dead threshold; 0 for a
+    stack, whose activations are after the SAEs' activation functions."""
+    return 0.0 if isinstance(model, StackSource) else model.dead_threshold
+
+
 @torch.no_grad()
-def training_metrics(model: MLSAETransformer, analysis: PromptAnalysis) -> dict[str, float]:
+def training_metrics(model: PromptModel, analysis: PromptAnalysis) -> dict[str, float]:
     """The model's training metrics (`train/fvu/layer_0`, ..., `train/dead/rel`) on the
-    prompt."""
+    prompt; for a stack, its FVU, MSE and L0 per layer under those names."""
+    if isinstance(model, StackSource):
+        metrics = {
+            "fvu": LayerwiseFVU(model.n_layers),
+            "mse": LayerwiseMSE(model.n_layers),
+            "l0": LayerwiseL0Norm(model.n_layers, firing_threshold(model)),
+        }
+        return {
+            f"train/{name}/layer_{layer}": float(value)
+            for name, metric in metrics.items()
+            for layer, value in enumerate(_computed(metric, analysis).tolist())
+        }
     metrics = model.train_metrics.clone()
     metrics.reset()
     values = metrics(**_metric_batch(analysis))

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from mlsae.analysis.config import AnalysisConfig
 from mlsae.analysis.identity import OutputOrigin, replacement_note, source_identity
-from mlsae.analysis.source import MLSAESource
+from mlsae.analysis.source import MLSAESource, StackSource
 from mlsae.cli import ConfigError, initialize, parse
 from mlsae.lm.data import held_out_stream
 from mlsae.names import cache_path, derived_name
@@ -109,14 +109,21 @@ class AnalysedModel:
 
     config: AnalysisConfig
     repo_id: str
-    """The model as the user named it (hub id or local folder), or the published id."""
+    """The model as the user named it (hub id or local folder), or the published id; for
+    a stack of per-layer SAEs, the SAEs as --sae gave them."""
 
-    source: MLSAESource
+    source: MLSAESource | StackSource
+
+    output_name: str | None = None
+    """What the outputs are named after, when not `repo_id` (a stack's `-stack` name)."""
 
     @staticmethod
     def load(config: AnalysisConfig) -> "AnalysedModel":
-        """The model of `config`, on its device."""
-        return AnalysedModel(config, config.resolved_repo_id(), config.load_source())
+        """The model of `config`, on its device (`ConfigError` for options that cannot go
+        together, before anything is loaded)."""
+        config.check_model_options()
+        name, output_name = config.analysed_name(), config.output_name()
+        return AnalysedModel(config, name, config.load_source(), output_name)
 
     @cached_property
     def origin(self) -> OutputOrigin:
@@ -134,12 +141,14 @@ class AnalysedModel:
 
     def output_path(self, suffix: str, extension: str) -> Path:
         """`<output_dir>/<owner>-<name>-<suffix>.<extension>` (see `mlsae.names.cache_path`)."""
-        return cache_path(self.repo_id, suffix, extension, self.config.output_dir)
+        return cache_path(
+            self.output_name or self.repo_id, suffix, extension, self.config.output_dir
+        )
 
     def dataset_id(self) -> str | None:
         """The hub dataset of the analysis (`mlsae.names.derived_name`), if it has one."""
         suffix = getattr(self.config, "hub_suffix", None)
-        return None if suffix is None else derived_name(self.repo_id, suffix)
+        return None if suffix is None else derived_name(self.output_name or self.repo_id, suffix)
 
     def replacement_notes(self, path: str | Path, previous: OutputOrigin | None) -> list[str]:
         """The line to print when the output at `path` was another model's, else none."""

@@ -49,7 +49,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -78,6 +78,12 @@ Definition = Literal["consistent", "original"]
 @dataclass
 class VariancesConfig(AnalysisConfig):
     """Compare the variance over layers of latents on single tokens and over many tokens."""
+
+    stack_refusal: ClassVar[str | None] = (
+        "variances compares each latent's distribution over layers, which a stack of "
+        "per-layer SAEs has not: latent i of one layer's SAE is unrelated to latent i of "
+        "another's"
+    )
 
     data: DataConfig = dataclass_field(
         default_factory=lambda: DataConfig(path="data/test.jsonl.zst", split="test")

@@ -1,4 +1,6 @@
-"""Serve the explorer: `python -m mlsae.explorer --repo_id <hub id or local dir>`."""
+"""Serve the explorer: `python -m mlsae.explorer --repo_id <hub id or local dir>`, or for a
+stack of per-layer SAEs, `python -m mlsae.explorer --sae 'saes/layer_{layer}' --model_name
+<transformer>`."""
 
 import argparse
 import difflib
@@ -10,9 +12,13 @@ import torch
 from fastapi import FastAPI
 
 from mlsae.analysis.examples import Examples
+from mlsae.analysis.identity import source_identity
+from mlsae.analysis.prompt import PromptModel
+from mlsae.analysis.source import load_stack_source
+from mlsae.analysis.stack_prompt import check_explorable
 from mlsae.cli import ConfigError
 from mlsae.model.lightning import MLSAETransformer
-from mlsae.names import cache_path
+from mlsae.names import cache_path, stack_name
 from mlsae.utils import get_device
 
 from .app import create_app
@@ -76,9 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--repo_id",
-        required=True,
+        default=None,
         help="A pretrained -tfm model: a local folder (such as out/runs/<run>/model, which "
-        "train.py saves) or a hub id.",
+        "train.py saves) or a hub id (this, or --sae, is required).",
+    )
+    parser.add_argument(
+        "--sae",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="Instead of --repo_id, a stack of per-layer SAEs over --model_name: local paths "
+        "or hub ids, one per layer, or one pattern with {layer} in place of the block index "
+        "(e.g. 'saes/layer_{layer}'). Each layer shows its own SAE's latents.",
+    )
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        type=int,
+        default=None,
+        help="The layers to expand a --sae pattern over (default: the local files and "
+        "folders that match it).",
     )
     parser.add_argument(
         "--prompt",
@@ -106,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model_name",
         default=None,
         help="Where the transformer's config and tokenizer come from (default: the "
-        "checkpoint's own model_name).",
+        "checkpoint's own model_name); with --sae, the transformer the SAEs read (required).",
     )
     parser.add_argument(
         "--device", default=None, help="Where the model runs (default: CUDA when available)."
@@ -162,6 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(args)
+
+
+def check_model_options(options: argparse.Namespace) -> None:
+    """A `ConfigError` unless the options name one model: --repo_id, or --sae with
+    --model_name (and --layers only with --sae)."""
+    if options.sae:
+        if options.repo_id is not None:
+            raise ConfigError("--sae and --repo_id each name what to explore: pass one of them")
+        if options.model_name is None:
+            raise ConfigError(
+                "--sae needs --model_name, the transformer the SAEs read (hub id or local folder)"
+            )
+    elif options.repo_id is None:
+        raise ConfigError("pass --repo_id (a pretrained MLSAE) or --sae (per-layer SAEs)")
+    elif options.layers is not None:
+        raise ConfigError("--layers expands a --sae pattern; an MLSAE has its own layers")
 
 
 def looks_local(repo_id: str) -> bool:
@@ -242,14 +281,33 @@ def find_examples(
         return None
 
 
+def load_stack(options: argparse.Namespace) -> tuple[PromptModel, ExamplesReader | None]:
+    """The stack of per-layer SAEs of `--sae`, and its examples database: `--examples`, or
+    the examples analysis's output for the same SAEs in `--output_dir` (never the hub)."""
+    device = torch.device(options.device) if options.device else get_device()
+    source = load_stack_source(options.sae, options.model_name, options.layers, device)
+    check_explorable(source)
+    cached = cache_path(stack_name(options.sae[0]), "examples", "db", options.output_dir)
+    given = options.examples or (str(cached) if cached.is_file() else None)
+    if given is None:
+        logger.warning(
+            "no examples for these SAEs in %s/: the examples panel stays empty. Make them with "
+            "`python -m mlsae.analysis.examples --sae ... --model_name ...`.",
+            options.output_dir,
+        )
+        return source, None
+    identity = source_identity(source)
+    return source, find_examples(cached.stem, given, options.output_dir, model=identity)
+
+
 def build_app(
-    options: argparse.Namespace, model: MLSAETransformer, examples: ExamplesReader | None
+    options: argparse.Namespace, model: PromptModel, examples: ExamplesReader | None
 ) -> FastAPI:
     """The app that `main` serves for these command-line options."""
     return create_app(
         model,
         examples,
-        repo_id=options.repo_id,
+        repo_id=options.repo_id or " ".join(options.sae or []),
         cache_size=options.cache_size,
         cache_bytes=int(options.cache_mb * 2**20),
         max_prompt_tokens=options.max_prompt_tokens,
@@ -264,13 +322,19 @@ def main(args: list[str] | None = None) -> None:
     import uvicorn
 
     options = parse_args(args)
-    check_model_folder(options.repo_id)
+    check_model_options(options)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    overrides = {} if options.model_name is None else {"model_name": options.model_name}
-    logger.info("loading %s", options.repo_id)
-    model = MLSAETransformer.from_pretrained(options.repo_id, **overrides)
-    model.to(torch.device(options.device) if options.device else get_device())
-    examples = find_examples(options.repo_id, options.examples, options.output_dir, model=model)
+    model: PromptModel
+    if options.sae:
+        logger.info("loading %s over %s", " ".join(options.sae), options.model_name)
+        model, examples = load_stack(options)
+    else:
+        check_model_folder(options.repo_id)
+        overrides = {} if options.model_name is None else {"model_name": options.model_name}
+        logger.info("loading %s", options.repo_id)
+        model = MLSAETransformer.from_pretrained(options.repo_id, **overrides)
+        model.to(torch.device(options.device) if options.device else get_device())
+        examples = find_examples(options.repo_id, options.examples, options.output_dir, model=model)
     try:
         app = build_app(options, model, examples)
     except ExplorerInputError as error:  # only --prompt is checked against the model here

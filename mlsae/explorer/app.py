@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from mlsae.analysis.examples import Examples
-from mlsae.model.lightning import MLSAETransformer
+from mlsae.analysis.prompt import PromptModel
 
 from . import schemas
 from .compat import compat_router
@@ -43,7 +43,7 @@ _ERRORS = {
 
 
 def create_app(
-    model: MLSAETransformer,
+    model: PromptModel,
     examples: Examples | ExamplesReader | str | Path | None = None,
     *,
     repo_id: str | None = None,
@@ -58,7 +58,8 @@ def create_app(
     """The explorer for `model`.
 
     Args:
-        model: A pretrained MLSAE and its transformer.
+        model: A pretrained MLSAE and its transformer, or a stack of per-layer SAEs
+            (`mlsae.analysis.source.StackSource`), each layer showing its own SAE's latents.
         examples: Its top activating examples (an `Examples` or the path of its SQLite
             database); None serves none.
         repo_id: Where the model came from, shown on the page.

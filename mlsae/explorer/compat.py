@@ -13,6 +13,7 @@ import json
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from .model_info import hparams
 from .schemas import Example, Latent, Layer, Logit, Prompt
 from .service import ExplorerService
 
@@ -91,7 +92,7 @@ def compat_router() -> APIRouter:
 
     @router.get("/params")
     def params(request: Request) -> dict:
-        return dict(_service(request).model.hparams_initial)
+        return hparams(_service(request).model)
 
     @router.post("/examples")
     def examples(body: ExamplesRequest, request: Request) -> list[Example]:

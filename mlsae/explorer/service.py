@@ -1,5 +1,5 @@
-"""The explorer's service: the analyses of one pretrained MLSAE, cached, one request at a
-time, converted to the API's schemas.
+"""The explorer's service: the analyses of one pretrained MLSAE (or stack of per-layer
+SAEs), cached, one request at a time, converted to the API's schemas.
 
 `ExplorerService` asks `mlsae.analysis.prompt` for a prompt's analysis (the transformer
 and the autoencoder run once) and keeps it in an LRU cache bounded by count and by bytes,
@@ -23,8 +23,9 @@ from torch import Tensor
 
 from mlsae.analysis import interventions, prompt
 from mlsae.analysis.examples import Examples
-from mlsae.analysis.prompt import PromptAnalysis, PromptError
-from mlsae.model.lightning import MLSAETransformer
+from mlsae.analysis.prompt import PromptAnalysis, PromptError, PromptModel
+from mlsae.analysis.source import StackSource
+from mlsae.analysis.stack_prompt import check_explorable
 
 from . import schemas
 from .cache import LRUCache
@@ -37,6 +38,7 @@ from .logits import (
     logit_changes,
     logit_rows,
 )
+from .model_info import latents_per_position, model_params
 from .opening import choose_opening_prompt
 
 T = TypeVar("T")
@@ -73,12 +75,12 @@ def _finite_or_none(value: float) -> float | None:
 
 
 class ExplorerService:
-    """Prompt analyses of one `MLSAETransformer`, cached. Thread-safe: one request at a
-    time uses the model."""
+    """Prompt analyses of one `MLSAETransformer` or `StackSource`, cached. Thread-safe: one
+    request at a time uses the model."""
 
     def __init__(
         self,
-        model: MLSAETransformer,
+        model: PromptModel,
         examples: "Examples | ExamplesReader | str | Path | None" = None,
         *,
         repo_id: str | None = None,
@@ -90,7 +92,8 @@ class ExplorerService:
     ) -> None:
         """
         Args:
-            model: The pretrained MLSAE and its transformer (put in eval mode here).
+            model: The pretrained MLSAE and its transformer, or a stack of per-layer SAEs
+                and its transformer (put in eval mode here).
             examples: The top activating examples: an `Examples`, or the path of its
                 SQLite database; None serves none.
             repo_id: Where the model came from, for the parameters.
@@ -106,6 +109,8 @@ class ExplorerService:
             opening_prompt: The prompt the page opens on (default: `mlsae.explorer.opening`
                 chooses one); one the model cannot take raises `ExplorerInputError`.
         """
+        if isinstance(model, StackSource):
+            check_explorable(model)  # no transcoders, one width
         model.requires_grad_(False)
         model.eval()
         self.model = model
@@ -115,7 +120,7 @@ class ExplorerService:
         self.repo_id = repo_id
         self.n_layers = model.n_layers
         self.n_latents = model.n_latents
-        self.k = model.k
+        self.k = latents_per_position(model)
         longest = prompt.longest_prompt(model)
         self.max_prompt_tokens = min(max_prompt_tokens or longest, longest)
         results_bytes = cache_bytes // 4
@@ -164,21 +169,15 @@ class ExplorerService:
             ]
 
     def params(self) -> schemas.Params:
-        model = self.model
         return schemas.Params(
             repo_id=self.repo_id,
-            model_name=model.model_name,
             n_layers=self.n_layers,
-            blocks=list(model.layers),
             n_latents=self.n_latents,
-            d_model=model.n_inputs,
             k=self.k,
             vocab_size=int(self.transformer.model.get_output_embeddings().weight.shape[0]),
             max_prompt_tokens=self.max_prompt_tokens,
-            standardize=model.standardize,
-            tuned_lens=model.lens is not None,
             examples_available=self.examples is not None,
-            hparams=dict(model.hparams_initial),
+            **model_params(self.model),
         )
 
     def opening_prompt(self) -> schemas.OpeningPrompt:

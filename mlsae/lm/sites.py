@@ -78,6 +78,16 @@ class SiteLocation(NamedTuple):
     """True if the site is the module's (first) input, False if it is its output."""
 
 
+def site_width(config: Any, site: str) -> int:
+    """The width of the vectors at `site` of a model whose (text) config is `config`: the
+    heads' concatenated width for attn_z, the model's width elsewhere."""
+    check_known_site(site)
+    if site != "attn_z":
+        return config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_attention_heads * head_dim
+
+
 def check_known_site(site: str) -> None:
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; expected one of {', '.join(SITES)}")
@@ -213,3 +223,37 @@ def _hooked(location: SiteLocation, rewrite: Callable[[Tensor], Tensor]) -> Iter
         yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def skip_blocks_up_to(
+    blocks: nn.ModuleList, index: int, replacement: Tensor, returns_tuple: bool
+) -> Iterator[None]:
+    """Blocks before `index` pass their input through; block `index` returns `replacement`.
+
+    Their `forward` is overridden on the instance (not the class), so the blocks keep
+    their attributes (layer index, attention type) and their hooks still run.
+    """
+
+    def pass_through(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if returns_tuple else hidden
+
+    def replace(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        replaced = replacement.to(hidden.device, hidden.dtype)
+        return (replaced,) if returns_tuple else replaced
+
+    overridden = list(blocks[: index + 1])
+    previous = [block.__dict__.get("forward") for block in overridden]
+    try:
+        for block in overridden[:-1]:
+            block.forward = pass_through
+        overridden[-1].forward = replace
+        yield
+    finally:
+        for block, forward in zip(overridden, previous, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward

@@ -1,4 +1,5 @@
-"""What splicing a reconstruction into the model costs, one layer at a time."""
+"""What splicing a reconstruction into the model costs, one layer at a time, and what
+ablating each layer costs, the baselines of the loss recovered."""
 
 import torch
 from jaxtyping import Float, Int
@@ -6,7 +7,7 @@ from torch import Tensor
 
 from mlsae.lm.stream import ResidualStream
 from mlsae.lm.transformer import Transformer
-from mlsae.metrics.spliced import logit_kldiv, logit_mse, next_token_loss
+from mlsae.metrics.spliced import count_predictions, logit_kldiv, logit_mse, next_token_loss
 
 
 @torch.no_grad()
@@ -48,4 +49,41 @@ def spliced_metrics(
         values["kl"].append(logit_kldiv(logits_true, logits_pred, mask))
     result = {key: torch.stack(value) for key, value in values.items()}
     result["kl_per_token"] = result["kl"] * tokens.shape[0] / n_counted.clamp(min=1)
+    return result
+
+
+@torch.no_grad()
+def ablated_losses(
+    transformer: Transformer,
+    tokens: Int[Tensor, "batch pos"],
+    stream: ResidualStream,
+) -> dict[str, Float[Tensor, "*layer"]]:
+    """Per layer: CE loss with the stream after that layer's block replaced by zeros
+    (`loss_zero`) and by its mean vector over the batch's positions that count
+    (`loss_mean`), over the positions `spliced_metrics` counts; and the number of
+    predictions those losses average over (`n_predictions`, a scalar).
+
+    The ablation replaces what the reconstruction replaces in `spliced_metrics`. When every
+    position counts (the original's numbers), it replaces every position, and the mean is
+    over the stream the autoencoder saw (special positions zeroed, if they are skipped);
+    otherwise it replaces the positions that count, the others keeping the model's own.
+    """
+    tokens = tokens.to(transformer.device)
+    mask = stream.mask
+    kept = stream.zeroed() if mask is None else stream.raw
+    # forward_at_layer reads only the layer it splices at: one buffer serves every layer.
+    ablated = torch.empty_like(kept)
+    losses: dict[str, list[Tensor]] = {"loss_zero": [], "loss_mean": []}
+    for position in range(transformer.n_layers):
+        layer = kept[position]
+        counted = layer if mask is None else layer[mask]
+        mean = counted.float().reshape(-1, layer.shape[-1]).mean(dim=0).to(layer.dtype)
+        for name, value in (("loss_zero", torch.zeros_like(mean)), ("loss_mean", mean)):
+            ablated[position] = (
+                value if mask is None else torch.where(mask[..., None], value, layer)
+            )
+            logits = transformer.forward_at_layer(ablated, position, "logits")
+            losses[name].append(next_token_loss(logits, tokens, mask))
+    result = {name: torch.stack(values) for name, values in losses.items()}
+    result["n_predictions"] = count_predictions(tokens, mask)
     return result

@@ -34,7 +34,13 @@ from mlsae.lm.architecture import (
     text_config,
     validate_layers,
 )
-from mlsae.lm.sites import StopForward, read_sites, splice_site
+from mlsae.lm.sites import (
+    StopForward,
+    read_sites,
+    site_width,
+    skip_blocks_up_to,
+    splice_site,
+)
 
 ReturnType = Literal["logits", "loss", "both"]
 
@@ -67,6 +73,7 @@ class Transformer(nn.Module):
         load_weights: bool = True,
         attn_implementation: str | None = None,
         skip_blocks_before_splice: bool = True,
+        site: str = "resid_post",
     ) -> None:
         """
         Args:
@@ -89,6 +96,8 @@ class Transformer(nn.Module):
             skip_blocks_before_splice: In `forward_at_layer`, do not run the blocks before
                 the one whose output is replaced. Turn off for an architecture whose later
                 blocks read state that earlier blocks leave behind.
+            site: Where `forward` reads each layer and `forward_at_layer` splices
+                (`mlsae.lm.sites.SITES`); the residual stream leaving the block by default.
         """
         super().__init__()
         self.model_name = model_name
@@ -113,6 +122,9 @@ class Transformer(nn.Module):
         self.blocks_path = find_decoder_blocks(self.model, config.num_hidden_layers)
         self.n_blocks = len(self.blocks)
         self.d_model: int = config.hidden_size
+        self.site = site
+        self.width: int = site_width(config, site)
+        """The width of the vectors at `site` (`d_model` but for attn_z)."""
         self.layers = validate_layers(layers, self.n_blocks)
         self.n_layers = len(self.layers)
         self.special_token_ids: list[int] = special_token_ids(self.tokenizer)
@@ -177,6 +189,10 @@ class Transformer(nn.Module):
         self, tokens: Int[Tensor, "batch pos"]
     ) -> Float[Tensor, "n_layers batch pos d_model"]:
         """Like `forward`, but never zeroes the special-token positions."""
+        if self.site != "resid_post":
+            wanted = [(layer, self.site) for layer in self.layers]
+            outputs = read_sites(self.model, self.blocks, tokens.to(self.device), wanted)
+            return torch.stack([outputs[key] for key in wanted])
         outputs = self._block_outputs(tokens.to(self.device), self.layers)
         return torch.stack([outputs[index] for index in self.layers])
 
@@ -310,6 +326,8 @@ class Transformer(nn.Module):
                 f"so it must be in [0, {self.n_layers}), not {start_at_layer}."
             )
         batch, pos = inputs.shape[1:3]
+        if tokens is None and self.site != "resid_post":
+            raise ValueError(f"splicing at {self.site} needs the input tokens.")
         if tokens is None:
             # The replaced block overwrites whatever these tokens would give.
             tokens = torch.zeros(batch, pos, dtype=torch.long, device=self.device)
@@ -320,8 +338,14 @@ class Transformer(nn.Module):
             )
         tokens = tokens.to(self.device)
 
-        with self._replace_block_output(self.layers[start_at_layer], inputs[start_at_layer]):
-            logits: Tensor = self.model(input_ids=tokens, use_cache=False).logits
+        layer, replacement = self.layers[start_at_layer], inputs[start_at_layer]
+        if self.site != "resid_post":
+            logits: Tensor = splice_site(
+                self.model, self.blocks, tokens, layer, self.site, replacement
+            )
+        else:
+            with self._replace_block_output(layer, replacement):
+                logits = self.model(input_ids=tokens, use_cache=False).logits
         if return_type == "logits":
             return logits
 
@@ -336,7 +360,7 @@ class Transformer(nn.Module):
     def _replace_block_output(self, index: int, replacement: Tensor) -> Iterator[None]:
         """While active, block `index` outputs `replacement` instead of what it computes."""
         if self.skip_blocks_before_splice and self._block_returns_tuple is not None:
-            with self._skip_blocks_up_to(index, replacement):
+            with skip_blocks_up_to(self.blocks, index, replacement, self._block_returns_tuple):
                 yield
             return
 
@@ -349,38 +373,6 @@ class Transformer(nn.Module):
             yield
         finally:
             handle.remove()
-
-    @contextlib.contextmanager
-    def _skip_blocks_up_to(self, index: int, replacement: Tensor) -> Iterator[None]:
-        """Blocks before `index` pass their input through; block `index` returns `replacement`.
-
-        Their `forward` is overridden on the instance (not the class), so the blocks keep
-        their attributes (layer index, attention type) and their hooks still run.
-        """
-        returns_tuple = self._block_returns_tuple
-
-        def pass_through(*args: Any, **kwargs: Any) -> Any:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            return (hidden,) if returns_tuple else hidden
-
-        def replace(*args: Any, **kwargs: Any) -> Any:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            replaced = replacement.to(hidden.device, hidden.dtype)
-            return (replaced,) if returns_tuple else replaced
-
-        overridden = list(self.blocks[: index + 1])
-        previous = [block.__dict__.get("forward") for block in overridden]
-        try:
-            for block in overridden[:-1]:
-                block.forward = pass_through
-            overridden[-1].forward = replace
-            yield
-        finally:
-            for block, forward in zip(overridden, previous, strict=True):
-                if forward is None:
-                    del block.forward
-                else:
-                    block.forward = forward
 
     def _hidden_of(self, output: Any) -> Tensor:
         """The hidden states in a block's output, which is a tensor or a tuple."""

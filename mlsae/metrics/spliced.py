@@ -5,9 +5,13 @@ stream spliced in (`logits_true`) against one with the reconstruction spliced in
 (`logits_pred`). `mask` (`[batch, pos]`, True = counts) restricts them to the
 positions that count; without it every position counts, as in the original.
 The metric classes average the per-batch values of each layer over batches
-(`LayerwiseRatio` with one weight per batch).
+(`LayerwiseRatio` with one weight per batch), except `LayerwiseLossRecovered`, which
+weighs each batch by the predictions its losses average over.
 """
 
+from typing import Literal
+
+import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -28,6 +32,15 @@ def next_token_loss(
         return losses.mean()
     weights = mask[:, :-1].flatten().float()
     return (losses * weights).sum() / weights.sum()
+
+
+def count_predictions(
+    tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"] | None = None
+) -> Float[Tensor, ""]:
+    """The number of next-token predictions `next_token_loss` averages over."""
+    if mask is None:
+        return torch.tensor(float(tokens.shape[0] * (tokens.shape[1] - 1)), device=tokens.device)
+    return mask[:, :-1].sum().float()
 
 
 def logit_mse(
@@ -97,3 +110,32 @@ class LayerwiseLogitKLDivPerToken(LayerwiseRatio):
 
     def update(self, logit_kldiv_per_token: Float[Tensor, " layer"], **_: object) -> None:
         self._add(logit_kldiv_per_token)
+
+
+class LayerwiseLossRecovered(LayerwiseRatio):
+    """The share of the CE loss increase of an ablation that splicing the reconstruction
+    recovers, `(loss_ablated - loss_pred) / (loss_ablated - loss_true)`, where each loss is
+    the mean over every prediction of every batch (SAELens' `ce_loss_score`): 1 when the
+    reconstruction is exact, 0 when it is as bad as the ablation.
+
+    `ablation` names the ablated loss it reads: `loss_zero` (the layer's stream replaced by
+    zeros) or `loss_mean` (by its mean vector).
+    """
+
+    def __init__(self, n_layers: int, ablation: Literal["zero", "mean"]) -> None:
+        super().__init__(n_layers, weight_per_layer=True)
+        if ablation not in ("zero", "mean"):
+            raise ValueError(f"ablation must be 'zero' or 'mean', not {ablation!r}")
+        self.ablation = ablation
+
+    def update(
+        self,
+        loss_true: Float[Tensor, " layer"],
+        loss_pred: Float[Tensor, " layer"],
+        n_predictions: Float[Tensor, ""],
+        **losses: Tensor,
+    ) -> None:
+        loss_ablated = losses[f"loss_{self.ablation}"]
+        self._add(
+            n_predictions * (loss_ablated - loss_pred), n_predictions * (loss_ablated - loss_true)
+        )

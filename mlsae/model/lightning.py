@@ -18,7 +18,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from mlsae.lm.lens import TunedLens, load_tuned_lens
-from mlsae.lm.splice import spliced_metrics
+from mlsae.lm.splice import ablated_losses, spliced_metrics
 from mlsae.lm.stream import ResidualStream, read_residual_stream
 from mlsae.lm.transformer import Transformer
 from mlsae.model.autoencoder import MLSAE, AutoencoderOutput
@@ -29,7 +29,7 @@ from mlsae.model.hparams import MLSAEHyperparameters
 from mlsae.model.hub import CheckpointError, StrictHubMixin, download_options, read_config
 from mlsae.model.losses import mlsae_loss
 from mlsae.model.maintenance import maintain_decoder
-from mlsae.model.metric_sets import reconstruction_metrics
+from mlsae.model.metric_sets import comparison_metrics, reconstruction_metrics
 from mlsae.model.metric_sets import spliced_metrics as spliced_metric_set
 from mlsae.model.non_finite import NonFiniteTracker
 from mlsae.model.optimization import configure_adam
@@ -277,7 +277,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         """`mlsae.lm.splice.spliced_metrics` for this model's transformer."""
         return spliced_metrics(self.transformer, tokens, stream, recons)
 
-    def _evaluate(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _evaluate(self, batch: dict[str, Tensor], compare: bool = False) -> dict[str, Tensor]:
         tokens = batch["input_ids"]
         stream = self.residual_stream(tokens)
         result = self.autoencoder.forward_standardized(stream.inputs)
@@ -304,6 +304,17 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         )
         loss = mlsae_loss(stream.inputs, result, stream.mask, self.auxk_coef)
         logged.update({"loss/total": loss.total, "loss/mse": loss.fvu, "loss/auxk": loss.auxk})
+        if compare:
+            self.comparison_metrics.update(
+                inputs=stream.inputs,
+                recons=output.recons,
+                values=output.topk.values,
+                indices=output.topk.indices,
+                mask=stream.mask,
+                loss_true=spliced["loss_true"],
+                loss_pred=spliced["loss_pred"],
+                **ablated_losses(self.transformer, tokens, stream),
+            )
         return logged
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -311,8 +322,19 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         logged = {_validation_name(name): value for name, value in self._evaluate(batch).items()}
         self.log_dict(logged, batch_size=batch["input_ids"].shape[0])
 
+    def on_test_epoch_start(self) -> None:
+        # Test only: the ablations cost two forward passes per layer.
+        self.comparison_metrics = comparison_metrics(self.layers, self.n_inputs, self.n_latents)
+        self.comparison_metrics.to(self.device)
+
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.log_dict(self._evaluate(batch), batch_size=batch["input_ids"].shape[0])
+        logged = self._evaluate(batch, compare=True)
+        self.log_dict(logged, batch_size=batch["input_ids"].shape[0])
+
+    def on_test_epoch_end(self) -> None:
+        # SAELens' and SAEBench's numbers, over the whole evaluation rather than per batch.
+        self.log_dict(self.comparison_metrics.compute())
+        self.comparison_metrics.reset()
 
     # Checkpoints --------------------------------------------------------------------
 

@@ -4,6 +4,9 @@ from torchmetrics import MetricCollection
 
 from mlsae.metrics import (
     DeadLatents,
+    LayerwiseDenseLatents,
+    LayerwiseExplainedVariance,
+    LayerwiseExplainedVarianceLegacy,
     LayerwiseFVU,
     LayerwiseL0Norm,
     LayerwiseL1Norm,
@@ -11,7 +14,9 @@ from mlsae.metrics import (
     LayerwiseLogitKLDivPerToken,
     LayerwiseLogitMSE,
     LayerwiseLossDelta,
+    LayerwiseLossRecovered,
     LayerwiseMSE,
+    LayerwiseNeverFired,
     LayerwiseWrapper,
 )
 
@@ -54,4 +59,39 @@ def spliced_metrics(layers: list[int]) -> MetricCollection:
             ),
         },
         prefix="val/",
+    )
+
+
+COMPARISON_GROUPS = (
+    "train/explained_variance",
+    "train/explained_variance_legacy",
+    "val/loss/recovered_zero",
+    "val/loss/recovered_mean",
+    "train/never_fired",
+    "train/dense",
+)
+"""The columns of `comparison_metrics`, each `<group>/layer_<i>` and `<group>/avg`."""
+
+
+def comparison_metrics(layers: list[int], n_inputs: int, n_latents: int) -> MetricCollection:
+    """What SAELens' and SAEBench's evaluations report, per layer and averaged, over a whole
+    evaluation (docs/evaluation.md): `train/explained_variance` (and `_legacy`),
+    `train/never_fired`, `train/dense` (updated with `inputs`, `recons`, `values`,
+    `indices`, `mask`) and `val/loss/recovered_zero` and `val/loss/recovered_mean` (updated
+    with `loss_true`, `loss_pred`, `loss_zero`, `loss_mean`, `n_predictions`)."""
+    n = len(layers)
+    metrics = {
+        "train/explained_variance": LayerwiseExplainedVariance(n, n_inputs),
+        "train/explained_variance_legacy": LayerwiseExplainedVarianceLegacy(n),
+        "val/loss/recovered_zero": LayerwiseLossRecovered(n, "zero"),
+        "val/loss/recovered_mean": LayerwiseLossRecovered(n, "mean"),
+        "train/never_fired": LayerwiseNeverFired(n, n_latents),
+        "train/dense": LayerwiseDenseLatents(n, n_latents),
+    }
+    return MetricCollection(
+        {
+            name: LayerwiseWrapper(metric, layers=layers, prefix=f"{name}/")
+            for name, metric in metrics.items()
+        },
+        compute_groups=False,
     )

@@ -10,6 +10,12 @@ PLAIN_NAMES = (
     ("logit/kldiv/avg", "KL divergence per sequence, spliced (nats)"),
     ("logit/mse/avg", "logit MSE, spliced"),
     ("dead/rel", "dead latents (share)"),
+    ("explained_variance/avg", "explained variance (SAELens)"),
+    ("explained_variance_legacy/avg", "explained variance per token (SAEBench)"),
+    ("loss/recovered_zero/avg", "CE loss recovered vs zero-ablation (SAELens)"),
+    ("loss/recovered_mean/avg", "CE loss recovered vs mean-ablation"),
+    ("never_fired/avg", "latents that never fired at a layer (share)"),
+    ("dense/avg", "dense latents, firing on over 10% of tokens (share)"),
 )
 """The metrics a summary shows, by the end of their logged name, in this order."""
 

@@ -9,6 +9,7 @@ from lightning.pytorch import Trainer
 from mlsae.cli import initialize, parse, require_local_data
 from mlsae.lm.data import held_out_stream, load_tokenizer
 from mlsae.model.lightning import MLSAETransformer
+from mlsae.model.metric_sets import COMPARISON_GROUPS
 from mlsae.names import csv_name
 from mlsae.trainer.config import (
     RunConfig,
@@ -19,7 +20,8 @@ from mlsae.trainer.config import (
 from mlsae.trainer.quiet import quiet_lightning
 from mlsae.trainer.summary import print_summary
 
-# The original's column order (see tests/data/goldens/test_output.csv); others follow.
+# The original's column order (see tests/data/goldens/test_output.csv); others follow, then
+# the columns that compare with SAELens and SAEBench.
 _GROUP_ORDER = (
     "train/dead",
     "train/fvu",
@@ -38,6 +40,9 @@ def _column_key(name: str) -> tuple[int, str, int]:
     group, _, last = name.rpartition("/")
     position = int(last[len("layer_") :]) if last.startswith("layer_") else 1 << 30
     prefix = group if position < 1 << 30 or last == "avg" else name
+    if prefix in COMPARISON_GROUPS:
+        # After every other column, in their own order (docs/evaluation.md).
+        return len(_GROUP_ORDER) + 1 + COMPARISON_GROUPS.index(prefix), prefix, position
     for rank, known in enumerate(_GROUP_ORDER):
         if prefix == known or prefix.startswith(known + "/"):
             return rank, prefix, position

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mlsae.model.metric_sets import COMPARISON_GROUPS
 from tests.goldens import GOLDENS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,6 +116,11 @@ def test_test_reproduces_the_original_csv(workdir: Path, tmp_path: Path):
     with open(GOLDENS / "test_output.csv") as file:
         original = next(csv.DictReader(file))
     assert list(ours)[: len(original)] == list(original)
+    # The columns that compare with SAELens and SAEBench come last, in their own order.
+    layers = [f"layer_{i}" for i in range(len([c for c in original if "train/fvu/" in c]) - 1)]
+    compared = [f"{group}/{last}" for group in COMPARISON_GROUPS for last in [*layers, "avg"]]
+    assert list(ours)[-len(compared) :] == compared
+    assert 0.0 < float(ours["train/explained_variance/avg"]) < 1.0
     for column, value in original.items():
         if column in ("loss/auxk", "loss/total"):
             continue  # AuxK's definition changed (DESIGN.md fault 7)
