@@ -18,6 +18,7 @@ from mlsae.cli import ConfigError
 from mlsae.lm.architecture import text_config
 from mlsae.lm.sites import site_width
 from mlsae.lm.transformer import Transformer
+from mlsae.lm.transformer_lens import LensMap, lens_map
 from mlsae.model.lightning import MLSAETransformer
 from mlsae.model.types import TopK
 from mlsae.saes.base import SAE, SparseLatents
@@ -114,6 +115,12 @@ class StackSource(nn.Module):
         self.tokenizer = transformer.tokenizer
         self.model_name = transformer.model_name
         self.max_length = transformer.max_length
+        self.lens_maps = [
+            activation_map(transformer, sae, name)
+            for sae, name in zip(stack, stack.names, strict=True)
+        ]
+        """Each SAE's map from the transformer's activations at its site to those it was
+        trained on (the identity but for SAEs trained on TransformerLens' activations)."""
 
     @property
     def device(self) -> torch.device:
@@ -127,11 +134,35 @@ class StackSource(nn.Module):
 
     @torch.no_grad()
     def read(self, tokens: Int[Tensor, "batch pos"]) -> list[Float[Tensor, "batch pos width"]]:
-        """The activations each SAE reads, in the stack's order (one forward pass)."""
+        """The activations each SAE reads, in the stack's order (one forward pass), as it
+        was trained on them (`lens_maps`)."""
         wanted = list(zip(self.layers, self.sites, strict=True))
         read = self.transformer.read_sites(tokens.to(self.device), wanted)
-        pairs = zip(wanted, self.stack, strict=True)
-        return [read[key].to(parameter_dtype(sae)) for key, sae in pairs]
+        pairs = zip(wanted, self.stack, self.lens_maps, strict=True)
+        return [lens.to_lens(read[key]).to(parameter_dtype(sae)) for key, sae, lens in pairs]
+
+    @torch.no_grad()
+    def logits_with_replaced(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        position: int,
+        replacement: Float[Tensor, "batch pos width"],
+        where: Bool[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, "batch pos vocab"]:
+        """The logits with the site of the `position`-th SAE replaced by `replacement`, in
+        the terms that SAE reads (`read`), at the positions `where` (None: all), the others
+        keeping the model's own activations exactly."""
+        lens = self.lens_maps[position]
+
+        def replace(computed: Tensor) -> Tensor:
+            replaced = lens.to_model(replacement.to(computed.device), computed)
+            replaced = replaced.to(computed.dtype)
+            return replaced if where is None else torch.where(where[..., None], replaced, computed)
+
+        layer, site = self.layers[position], self.sites[position]
+        return self.transformer.logits_with_site_replaced(
+            tokens.to(self.device), layer, site, replace
+        )
 
     @torch.no_grad()
     def latents(self, tokens: Int[Tensor, "batch pos"]) -> LatentBatch:
@@ -168,6 +199,15 @@ def padded_latents(
         indices.append(padded_indices.view(shape))
         selected.append((torch.arange(k, device=count.device) < count[:, None]).view(shape))
     return TopK(torch.stack(values), torch.stack(indices)), torch.stack(selected)
+
+
+def activation_map(transformer: Transformer, sae: SAE, name: str) -> LensMap:
+    """The map from `transformer`'s activations at `sae`'s site to those `sae` was trained
+    on; a `ConfigError` where TransformerLens' processing cannot be mapped there."""
+    try:
+        return lens_map(transformer, sae.layer, sae.site, sae.activation_source)
+    except ValueError as error:
+        raise ConfigError(f"{name} was trained on TransformerLens' activations: {error}") from None
 
 
 def check_stack_fits(transformer: Transformer, stack: SAEStack) -> None:

@@ -78,12 +78,9 @@ def stack_spliced_metrics(
     tokens = tokens.to(source.device)
     mask = stream.mask
     own = source.transformer.model(input_ids=tokens, use_cache=False).logits
-    replaced = recons if mask is None else torch.where(mask[None, :, :, None], recons, stream.raw)
     loss_pred, kl = [], []
-    for position, (layer, site) in enumerate(zip(source.layers, source.sites, strict=True)):
-        logits = source.transformer.logits_with_site_replaced(
-            tokens, layer, site, replaced[position]
-        )
+    for position in range(source.n_layers):
+        logits = source.logits_with_replaced(tokens, position, recons[position], mask)
         loss_pred.append(next_token_loss(logits, tokens, mask))
         kl.append(logit_kldiv(own, logits, mask))
     kl_sums = torch.stack(kl)
@@ -121,7 +118,6 @@ def logits_with_layer_replaced(
     layer: int,
     replacement: Float[Tensor, "batch pos width"],
 ) -> Float[Tensor, "batch pos vocab"]:
-    """The logits with the site of the SAE at `layer` (a position in the stack) replaced."""
-    return source.transformer.logits_with_site_replaced(
-        tokens, source.layers[layer], source.sites[layer], replacement
-    )
+    """The logits with the site of the SAE at `layer` (a position in the stack) replaced,
+    `replacement` in the terms that SAE reads."""
+    return source.logits_with_replaced(tokens, layer, replacement)

@@ -88,6 +88,11 @@ def site_width(config: Any, site: str) -> int:
     return config.num_attention_heads * head_dim
 
 
+Replacement = Float[Tensor, "batch pos width"] | Callable[[Tensor], Tensor]
+"""What replaces a site's activations: a tensor, or a function of the activations the model
+computes there (for a replacement that keeps some of them)."""
+
+
 def check_known_site(site: str) -> None:
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; expected one of {', '.join(SITES)}")
@@ -147,10 +152,11 @@ def splice_site(
     tokens: Int[Tensor, "batch pos"],
     layer: int,
     site: str,
-    replacement: Float[Tensor, "batch pos width"],
+    replacement: Replacement,
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """The logits of the model on `tokens` with the activations at `site` of block `layer`
-    replaced by `replacement` (of the same shape); the rest of the model runs as usual."""
+    replaced by `replacement` (of the same shape, or a function of what the model computes
+    there); the rest of the model runs as usual."""
     with site_replaced(model, blocks, layer, site, replacement):
         return model(input_ids=tokens, use_cache=False).logits
 
@@ -161,19 +167,20 @@ def site_replaced(
     blocks: nn.ModuleList,
     layer: int,
     site: str,
-    replacement: Float[Tensor, "batch pos width"],
+    replacement: Replacement,
 ) -> Iterator[None]:
     """While active, every forward pass of `model` sees `replacement` at `site` of block
-    `layer` instead of what it computes there."""
+    `layer` instead of what it computes there (a function: `replacement(computed)`)."""
     location = find_site(model, _block(blocks, layer), site)
 
     def replace(original: Tensor) -> Tensor:
-        if original.shape != replacement.shape:
+        replaced = replacement(original) if callable(replacement) else replacement
+        if original.shape != replaced.shape:
             raise ValueError(
                 f"the replacement at {site} of block {layer} has shape "
-                f"{tuple(replacement.shape)}, but the model computes {tuple(original.shape)}."
+                f"{tuple(replaced.shape)}, but the model computes {tuple(original.shape)}."
             )
-        return replacement.to(original.device, original.dtype)
+        return replaced.to(original.device, original.dtype)
 
     with _hooked(location, replace):
         yield

@@ -13,6 +13,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mlsae.lm.sites import SITES
+from mlsae.lm.transformer_lens import TransformerLensOptions
 
 SPARSE_CHUNK = 4096
 """Vectors encoded at a time by `encode_sparse`, so that the dense latents of a long input
@@ -73,6 +74,10 @@ class SAE(nn.Module, ABC):
         self.site = check_site(site, "site")
         self.output_site = check_site(output_site, "output_site")
         """Where a transcoder's prediction belongs; None for an autoencoder."""
+        self.activation_source: TransformerLensOptions | None = None
+        """How TransformerLens processed the weights of the model whose activations the SAE
+        was trained on (`mlsae.lm.transformer_lens`), or None for the Hugging Face model's
+        own activations."""
 
     @property
     def is_transcoder(self) -> bool:
@@ -125,4 +130,6 @@ class SAE(nn.Module, ABC):
         where = f"layer={self.layer}, site={self.site}"
         if self.is_transcoder:
             where += f", output_site={self.output_site}"
+        if self.activation_source is not None:
+            where += f", activation_source={self.activation_source}"
         return f"format={self.format!r}, d_in={self.d_in}, d_sae={self.d_sae}, {where}"

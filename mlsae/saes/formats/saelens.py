@@ -248,6 +248,7 @@ def load(
         **where,
     )
     sae.format = "saelens"
+    sae.activation_source = config.activation_source
     return sae
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlsae.lm.transformer_lens import TransformerLensOptions
 from mlsae.saes.registry import SAEFileError
 
 CONFIG = "cfg.json"
@@ -36,7 +37,8 @@ TL_SITES = {
     "hook_mlp_out": "mlp_out",
     "attn.hook_z": "attn_z",
     "ln2.hook_normalized": "mlp_in",
-    # TransformerLens 3 bridge names (its block's hook aliases)
+    # TransformerLens 3 bridge names (its block's hook aliases), over the unprocessed
+    # Hugging Face model
     "hook_in": "resid_pre",
     "hook_out": "resid_post",
     "attn.hook_out": "attn_out",
@@ -47,6 +49,17 @@ TL_SITES = {
 }
 """Site of each TransformerLens hook after `blocks.<L>.`. `hook_mlp_in` is absent on
 purpose: TransformerLens gives it the un-normalised residual stream, which has no site."""
+
+HOOKED_TRANSFORMER_SITES = (
+    "hook_resid_pre",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "attn.hook_z",
+    "ln2.hook_normalized",
+)
+"""The hooks of a TransformerLens 2 `HookedTransformer`, whose weights TransformerLens may
+have processed."""
 
 HF_SITES = {
     "": "resid_post",
@@ -88,6 +101,8 @@ class SAELensConfig:
     """A transcoder's output hook names, likewise."""
     hook_layer: int | None
     hook_head_index: int | None
+    activation_source: TransformerLensOptions | None
+    """How TransformerLens processed the model the SAE read, or None for Hugging Face's."""
 
     @property
     def is_transcoder(self) -> bool:
@@ -121,7 +136,28 @@ def read_config(file: Path) -> SAELensConfig:
         hooks_out=names(metadata, cfg, "hook_name_out", "hf_hook_name_out"),
         hook_layer=optional_int(cfg.get("hook_layer")),
         hook_head_index=optional_int(metadata.get("hook_head_index", cfg.get("hook_head_index"))),
+        activation_source=activation_source(metadata, cfg),
     )
+
+
+def activation_source(
+    metadata: dict[str, Any], cfg: dict[str, Any]
+) -> TransformerLensOptions | None:
+    """The TransformerLens processing of the activations the SAE read, as SAELens loads its
+    model (`load_model`): `HookedTransformer.from_pretrained_no_processing` with the
+    config's `model_from_pretrained_kwargs`, where the SAE reads a `HookedTransformer` hook
+    (`blocks.<L>.hook_resid_pre`, ...). None where it reads a Hugging Face module or a
+    TransformerLens 3 bridge hook, which see the Hugging Face model's own activations."""
+    model_class = metadata.get("model_class_name", cfg.get("model_class_name"))
+    if model_class not in (None, "HookedTransformer"):
+        return None
+    hooks = names(metadata, cfg, "hook_name")
+    if not hooks or (match := TL_HOOK.fullmatch(hooks[0])) is None:
+        return None
+    if match.group(2) not in HOOKED_TRANSFORMER_SITES:
+        return None
+    kwargs = metadata.get("model_from_pretrained_kwargs", cfg.get("model_from_pretrained_kwargs"))
+    return TransformerLensOptions.of(kwargs if isinstance(kwargs, dict) else {}, processed=False)
 
 
 def is_flat(cfg: dict[str, Any]) -> bool:
