@@ -17,8 +17,8 @@ def spliced_metrics(
     stream: ResidualStream,
     recons: Float[Tensor, "layer batch pos d_model"],
 ) -> dict[str, Float[Tensor, " layer"]]:
-    """Per layer: CE loss with the true stream and with the reconstruction spliced in after
-    that layer's block (`loss_true`, `loss_pred`), logit MSE (`mse`), KL divergence summed
+    """Per layer: CE loss with the true stream and with the reconstruction spliced in at
+    that layer's site (`loss_true`, `loss_pred`), logit MSE (`mse`), KL divergence summed
     over each sequence's positions that count (`kl`, the original's) and per position that
     counts (`kl_per_token`); the model runs once per layer, never holding logits of every
     layer.
@@ -39,10 +39,12 @@ def spliced_metrics(
     n_counted = stream.n_counted().to(tokens.device)
     for position in range(transformer.n_layers):
         if clean_logits is None:
-            logits_true = transformer.forward_at_layer(true_stack, position, "logits")
+            logits_true = transformer.forward_at_layer(
+                true_stack, position, "logits", tokens=tokens
+            )
         else:
             logits_true = clean_logits
-        logits_pred = transformer.forward_at_layer(pred_stack, position, "logits")
+        logits_pred = transformer.forward_at_layer(pred_stack, position, "logits", tokens=tokens)
         values["loss_true"].append(next_token_loss(logits_true, tokens, mask))
         values["loss_pred"].append(next_token_loss(logits_pred, tokens, mask))
         values["mse"].append(logit_mse(logits_true, logits_pred, mask))
@@ -58,7 +60,7 @@ def ablated_losses(
     tokens: Int[Tensor, "batch pos"],
     stream: ResidualStream,
 ) -> dict[str, Float[Tensor, "*layer"]]:
-    """Per layer: CE loss with the stream after that layer's block replaced by zeros
+    """Per layer: CE loss with the stream at that layer's site replaced by zeros
     (`loss_zero`) and by its mean vector over the batch's positions that count
     (`loss_mean`), over the positions `spliced_metrics` counts; and the number of
     predictions those losses average over (`n_predictions`, a scalar).
@@ -82,7 +84,7 @@ def ablated_losses(
             ablated[position] = (
                 value if mask is None else torch.where(mask[..., None], value, layer)
             )
-            logits = transformer.forward_at_layer(ablated, position, "logits")
+            logits = transformer.forward_at_layer(ablated, position, "logits", tokens=tokens)
             losses[name].append(next_token_loss(logits, tokens, mask))
     result = {name: torch.stack(values) for name, values in losses.items()}
     result["n_predictions"] = count_predictions(tokens, mask)

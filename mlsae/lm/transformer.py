@@ -35,6 +35,7 @@ from mlsae.lm.architecture import (
     validate_layers,
 )
 from mlsae.lm.sites import (
+    Replacement,
     StopForward,
     read_sites,
     site_width,
@@ -247,10 +248,11 @@ class Transformer(nn.Module):
         tokens: Int[Tensor, "batch pos"],
         layer: int,
         site: str,
-        replacement: Float[Tensor, "batch pos width"],
+        replacement: Replacement,
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """The logits with the activations at `site` of block `layer` (a block index, not a
-        position in `layers`) replaced by `replacement`, of their shape."""
+        position in `layers`) replaced by `replacement`, of their shape, or by
+        `replacement(activations)`."""
         tokens = tokens.to(self.device)
         return splice_site(self.model, self.blocks, tokens, layer, site, replacement)
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from simple_parsing import field
 
+from mlsae.cli import ConfigError
+from mlsae.lm.sites import SITES
 from mlsae.metrics import FIRING_THRESHOLD
 
 
@@ -73,6 +75,12 @@ class MLSAEHyperparameters(MLSAEConfig):
 
     layers: list[int] | None = None
     """The decoder blocks to train on, space-separated: --layers 0 2 5 (omitted: all)."""
+
+    site: str = "resid_post"
+    """Where the MLSAE reads each layer: resid_post (the block's output), resid_pre (its
+    input), attn_out or mlp_out (what attention or the MLP adds to the residual stream),
+    mlp_in (the MLP's normalised input) or attn_z (the heads' outputs entering attention's
+    output projection, heads x head_dim wide)."""
 
     max_length: int = 2048
     """Tokens per sequence."""
@@ -166,6 +174,18 @@ class MLSAEHyperparameters(MLSAEConfig):
             for name in self.names()
             if name in self.PUBLISHED or values[name] != defaults[name]
         }
+
+
+def check_site(site: str, tuned_lens: bool) -> None:
+    """Refuse an unknown site, and a tuned lens anywhere but the residual stream after each
+    block, which is what the lens translates."""
+    if site not in SITES:
+        raise ConfigError(f"--site must be one of {', '.join(SITES)}, not {site!r}")
+    if tuned_lens and site != "resid_post":
+        raise ConfigError(
+            f"--tuned_lens translates the residual stream after each block: it needs "
+            f"--site resid_post, not {site}"
+        )
 
 
 def _defaults(cls: type[MLSAEHyperparameters]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from mlsae.model.autoencoder import MLSAE, AutoencoderOutput
 from mlsae.model.card import mlsae_transformer_card
 from mlsae.model.firing import StepFiring
 from mlsae.model.geom_median import geometric_median
-from mlsae.model.hparams import MLSAEHyperparameters
+from mlsae.model.hparams import MLSAEHyperparameters, check_site
 from mlsae.model.hub import CheckpointError, StrictHubMixin, download_options, read_config
 from mlsae.model.losses import mlsae_loss
 from mlsae.model.maintenance import maintain_decoder
@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 
 class MLSAETransformer(StrictHubMixin, LightningModule):
-    """A Multi-Layer SAE trained on the residual stream of a frozen causal LM.
+    """A Multi-Layer SAE trained on the residual stream (or another `site`) of every
+    selected layer of a frozen causal LM.
 
     Constructed from the fields of `MLSAEHyperparameters` (by name, or positionally in the
     original's order); each is also an attribute, except that `layers` is the list of
@@ -62,6 +63,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         # frame of an __init__ that refers to its class, and these are in `kwargs`.
         LightningModule.__init__(self)
         hparams = MLSAEHyperparameters.bind(*args, **kwargs)
+        check_site(hparams.site, hparams.tuned_lens)
         self.save_hyperparameters(asdict(hparams))
         self._hub_mixin_config = hparams.to_config()
         self.hyperparameters = hparams
@@ -81,6 +83,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
             skip_special_tokens=hparams.skip_special_tokens,
             layers=hparams.layers,
             load_weights=not from_checkpoint,
+            site=hparams.site,
         )
         context = self.transformer.context_length
         if context is not None and hparams.max_length > context:
@@ -90,7 +93,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
             )
         self.layers = self.transformer.layers
         self.n_layers = self.transformer.n_layers
-        self.n_inputs = self.transformer.d_model
+        self.n_inputs = self.transformer.width
         self.n_latents = self.n_inputs * hparams.expansion_factor
         self.autoencoder = MLSAE(
             self.n_inputs,
@@ -170,7 +173,8 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
     # The residual stream and the autoencoder ---------------------------------------
 
     def residual_stream(self, tokens: Int[Tensor, "batch pos"]) -> ResidualStream:
-        """The block outputs for `tokens`, as the autoencoder sees them."""
+        """The activations at `site` of every layer for `tokens`, as the autoencoder sees
+        them."""
         return read_residual_stream(
             self.transformer,
             tokens.to(self.device),

@@ -13,7 +13,7 @@ import torch
 from simple_parsing import field
 
 from mlsae.cli import DataConfig, initialize, parse, require_local_data  # noqa: F401 (re-exported)
-from mlsae.model.hparams import MLSAEConfig, MLSAEHyperparameters
+from mlsae.model.hparams import MLSAEConfig, MLSAEHyperparameters, check_site
 from mlsae.utils import get_repo_id
 
 DEFAULT_MODEL_NAME = "EleutherAI/pythia-70m-deduped"
@@ -113,7 +113,7 @@ class TrainerConfig:
 
 @dataclass
 class RunConfig:
-    """Train an MLSAE on the residual stream of every layer of a transformer."""
+    """Train an MLSAE on every layer of a transformer: its residual stream, or another --site."""
 
     autoencoder: MLSAEConfig = dataclass_field(default_factory=MLSAEConfig)
     data: TrainDataConfig = dataclass_field(default_factory=TrainDataConfig)
@@ -124,6 +124,12 @@ class RunConfig:
 
     layers: list[int] | None = None
     """The decoder blocks to train on, space-separated: --layers 0 2 5 (omitted: all)."""
+
+    site: str = "resid_post"
+    """Where the MLSAE reads each layer: resid_post (the block's output), resid_pre (its
+    input), attn_out or mlp_out (what attention or the MLP adds to the residual stream),
+    mlp_in (the MLP's normalised input) or attn_z (the heads' outputs entering attention's
+    output projection, heads x head_dim wide)."""
 
     seed: int = 42
     """The seed of every random number generator."""
@@ -140,6 +146,7 @@ class RunConfig:
             **asdict(self.autoencoder),
             model_name=self.model_name,
             layers=self.layers,
+            site=self.site,
             max_length=self.data.max_length,
             batch_size=self.data.batch_size,
             accumulate_grad_batches=self.trainer.accumulate_grad_batches,
@@ -181,7 +188,8 @@ class SweepConfig:
 
 @dataclass
 class TestConfig(SweepConfig):
-    """Evaluate pretrained MLSAEs on held-out text and write their metrics to CSV."""
+    """Evaluate pretrained MLSAEs, or a stack of per-layer SAEs (--sae), on held-out text
+    and write their metrics to CSV."""
 
     data: DataConfig = dataclass_field(
         default_factory=lambda: DataConfig(path="data/test.jsonl.zst", split="test")
@@ -197,7 +205,8 @@ class TestConfig(SweepConfig):
     model_name: list[str] | None = None
     """Transformers of the published models, one or more (default: EleutherAI/pythia-70m-
     deduped); with --repo_id, the one language model to load it with instead of the one it
-    was trained on (a hub id or local folder)."""
+    was trained on (a hub id or local folder); with --sae, the one transformer the SAEs
+    read."""
 
     repo_id: str | None = None
     """A pretrained -tfm model: hub id or local folder (default: the published id
@@ -214,6 +223,39 @@ class TestConfig(SweepConfig):
 
     output_dir: str = "out"
     """Where the CSV files go."""
+
+    sae: list[str] | None = None
+    """A stack of per-layer SAEs to evaluate instead of an MLSAE, with one --model_name
+    (the transformer they read): local paths or hub ids, one per layer, or one pattern with
+    {layer} in place of the block index (e.g. 'saes/layer_{layer}')."""
+
+    layers: list[int] | None = None
+    """The layers to expand a --sae pattern over (default: the local files and folders
+    that match it; SAEs on the hub need it)."""
+
+    def check_sae_options(self) -> None:
+        """A `ConfigError` for options that cannot go with --sae (or --layers without it)."""
+        from mlsae.cli import ConfigError
+
+        if not self.sae:
+            if self.layers is not None:
+                raise ConfigError("--layers expands a --sae pattern; an MLSAE has its own layers")
+            return
+        if self.repo_id is not None:
+            raise ConfigError("--sae and --repo_id each name what to evaluate: pass one of them")
+        if self.model_name is None or len(self.model_name) != 1:
+            given = "none" if self.model_name is None else len(self.model_name)
+            raise ConfigError(
+                "--sae needs one --model_name, the transformer the SAEs read (hub id or local "
+                f"folder), got {given}"
+            )
+        if self.tuned_lens:
+            raise ConfigError("--tuned_lens applies to a published MLSAE, not to --sae")
+        if self.precision is not None:
+            raise ConfigError(
+                "--precision applies to an MLSAE; a stack of SAEs runs in float32 (leave "
+                "--precision out)"
+            )
 
     def repo_ids(self, transformer: bool = True) -> Iterator[str]:
         """The models to evaluate: `--repo_id`, or the sweep's published models."""
@@ -297,6 +339,7 @@ def check_run_config(config: "RunConfig") -> None:
     _require_positive("max_tokens", data.max_tokens)
     _require_positive("accumulate_grad_batches", trainer.accumulate_grad_batches)
     _require_positive("max_steps", trainer.max_steps, allow_none=True)
+    check_site(config.site, ae.tuned_lens)
     if config.layers is not None and len(set(config.layers)) != len(config.layers):
         raise ConfigError(f"--layers must not repeat a layer, got {config.layers}")
     if data.max_tokens < data.batch_size * data.max_length:

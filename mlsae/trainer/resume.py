@@ -25,6 +25,7 @@ RUN_KEY = "mlsae_run"
 MODEL_OPTIONS = (
     "model_name",
     "layers",
+    "site",
     "expansion_factor",
     "k",
     "auxk",
@@ -45,6 +46,9 @@ MODEL_OPTIONS = (
 )
 """Hyperparameters that make another model or another optimisation (`lr` included: a
 different learning rate is a different run), compared with the checkpoint's."""
+
+OLDER_CHECKPOINT_VALUES = {"site": "resid_post"}
+"""What checkpoints written before these options existed were trained with."""
 
 DATA_OPTIONS = (
     "path",
@@ -120,7 +124,7 @@ def differences(
 ) -> list[str]:
     """`--option was <saved>, now <value>` for every option of `config` that differs from
     the run that wrote the checkpoint (options in `config.trainer.moved` excepted)."""
-    saved_model = checkpoint.get("hyper_parameters") or {}
+    saved_model = {**OLDER_CHECKPOINT_VALUES, **(checkpoint.get("hyper_parameters") or {})}
     moved = set(config.trainer.moved or ())
     found = []
     for name in MODEL_OPTIONS:

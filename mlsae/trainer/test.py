@@ -1,4 +1,5 @@
-"""`test(config)`: evaluate pretrained MLSAEs and write one CSV of metrics per model."""
+"""`test(config)`: evaluate pretrained MLSAEs, or a stack of per-layer SAEs (`--sae`), and
+write one CSV of metrics per model."""
 
 import csv
 import math
@@ -10,7 +11,7 @@ from mlsae.cli import initialize, parse, require_local_data
 from mlsae.lm.data import held_out_stream, load_tokenizer
 from mlsae.model.lightning import MLSAETransformer
 from mlsae.model.metric_sets import COMPARISON_GROUPS
-from mlsae.names import csv_name
+from mlsae.names import csv_name, stack_name
 from mlsae.trainer.config import (
     RunConfig,
     TestConfig,
@@ -18,6 +19,7 @@ from mlsae.trainer.config import (
     default_precision,
 )
 from mlsae.trainer.quiet import quiet_lightning
+from mlsae.trainer.stack_eval import evaluate_stack
 from mlsae.trainer.summary import print_summary
 
 # The original's column order (see tests/data/goldens/test_output.csv); others follow, then
@@ -70,24 +72,45 @@ def test_one(config: TestConfig, repo_id: str) -> Path:
         enable_model_summary=False,
     )
     (metrics,) = trainer.test(model, loader, verbose=False)
-    columns = sorted(metrics, key=_column_key)
     output = Path(config.output_dir) / csv_name(repo_id)
+    write_row(output, metrics)
+    print_summary(f"{repo_id}: {output}", metrics)
+    return output
+
+
+def test_stack(config: TestConfig) -> Path:
+    """Evaluate the stack of per-layer SAEs of `--sae` and write its CSV,
+    `test_<stack name>.csv` (`mlsae.names.stack_name`); returns the CSV's path."""
+    assert config.sae
+    require_local_data(config.data.path)
+    metrics = evaluate_stack(config)
+    output = Path(config.output_dir) / f"test_{stack_name(config.sae[0])}.csv"
+    write_row(output, metrics)
+    print_summary(f"{' '.join(config.sae)}: {output}", metrics)
+    return output
+
+
+def write_row(output: Path, metrics: dict) -> None:
+    """A CSV of one row of `metrics`, its columns in the order of `_column_key`."""
+    columns = sorted(metrics, key=_column_key)
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(columns)
         writer.writerow([repr(float(metrics[column])) for column in columns])
-    print_summary(f"{repo_id}: {output}", metrics)
-    return output
 
 
 def test(config: TestConfig | RunConfig) -> list[Path]:
-    """Evaluate every model the config names; returns the CSV files written. A
-    `RunConfig` (the original's argument) evaluates the published model of that run."""
+    """Evaluate every model the config names, or its stack of SAEs (`--sae`); returns the
+    CSV files written. A `RunConfig` (the original's argument) evaluates the published
+    model of that run."""
     if isinstance(config, RunConfig):
         config = TestConfig.from_run(config)
+    config.check_sae_options()
     check_precision(config.precision, config.accelerator)
     initialize(config.seed)
+    if config.sae:
+        return [test_stack(config)]
     return [test_one(config, repo_id) for repo_id in config.repo_ids()]
 
 
