@@ -14,15 +14,12 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from mlsae.cli import ConfigError
-from mlsae.lm.architecture import text_config
-from mlsae.lm.sites import site_width
 from mlsae.lm.transformer import Transformer
-from mlsae.lm.transformer_lens import LensMap, lens_map
 from mlsae.model.lightning import MLSAETransformer
 from mlsae.model.types import TopK
-from mlsae.saes.base import SAE, SparseLatents
+from mlsae.saes.base import SparseLatents
 from mlsae.saes.stack import SAEStack, load_sae_stack
+from mlsae.saes.stack_reader import StackReader
 from mlsae.utils import get_device
 
 
@@ -104,7 +101,7 @@ class StackSource(nn.Module):
         self, transformer: Transformer, stack: SAEStack, count_special_tokens: bool = False
     ) -> None:
         super().__init__()
-        check_stack_fits(transformer, stack)
+        self.reader = StackReader(transformer, stack)
         self.transformer = transformer
         self.stack = stack
         self.count_special_tokens = count_special_tokens
@@ -115,12 +112,6 @@ class StackSource(nn.Module):
         self.tokenizer = transformer.tokenizer
         self.model_name = transformer.model_name
         self.max_length = transformer.max_length
-        self.lens_maps = [
-            activation_map(transformer, sae, name)
-            for sae, name in zip(stack, stack.names, strict=True)
-        ]
-        """Each SAE's map from the transformer's activations at its site to those it was
-        trained on (the identity but for SAEs trained on TransformerLens' activations)."""
 
     @property
     def device(self) -> torch.device:
@@ -134,12 +125,9 @@ class StackSource(nn.Module):
 
     @torch.no_grad()
     def read(self, tokens: Int[Tensor, "batch pos"]) -> list[Float[Tensor, "batch pos width"]]:
-        """The activations each SAE reads, in the stack's order (one forward pass), as it
-        was trained on them (`lens_maps`)."""
-        wanted = list(zip(self.layers, self.sites, strict=True))
-        read = self.transformer.read_sites(tokens.to(self.device), wanted)
-        pairs = zip(wanted, self.stack, self.lens_maps, strict=True)
-        return [lens.to_lens(read[key]).to(parameter_dtype(sae)) for key, sae, lens in pairs]
+        """The activations each SAE reads, in the stack's order (one forward pass), in the
+        terms it was trained on (`mlsae.saes.stack_reader`)."""
+        return [activations.inputs for activations in self.reader.read(tokens)]
 
     @torch.no_grad()
     def logits_with_replaced(
@@ -149,20 +137,9 @@ class StackSource(nn.Module):
         replacement: Float[Tensor, "batch pos width"],
         where: Bool[Tensor, "batch pos"] | None = None,
     ) -> Float[Tensor, "batch pos vocab"]:
-        """The logits with the site of the `position`-th SAE replaced by `replacement`, in
-        the terms that SAE reads (`read`), at the positions `where` (None: all), the others
-        keeping the model's own activations exactly."""
-        lens = self.lens_maps[position]
-
-        def replace(computed: Tensor) -> Tensor:
-            replaced = lens.to_model(replacement.to(computed.device), computed)
-            replaced = replaced.to(computed.dtype)
-            return replaced if where is None else torch.where(where[..., None], replaced, computed)
-
-        layer, site = self.layers[position], self.sites[position]
-        return self.transformer.logits_with_site_replaced(
-            tokens.to(self.device), layer, site, replace
-        )
+        """`StackReader.logits_with_replaced`: the site of the `position`-th SAE replaced
+        by `replacement`, in that SAE's terms, at the positions `where` (None: all)."""
+        return self.reader.logits_with_replaced(tokens, position, replacement, where)
 
     @torch.no_grad()
     def latents(self, tokens: Int[Tensor, "batch pos"]) -> LatentBatch:
@@ -171,11 +148,6 @@ class StackSource(nn.Module):
         sparse = [sae.encode_sparse(x) for sae, x in inputs]
         topk, selected = padded_latents(sparse)
         return LatentBatch(topk, self.mask(tokens), selected)
-
-
-def parameter_dtype(sae: SAE) -> torch.dtype:
-    """The dtype of an SAE's weights, which its inputs are cast to."""
-    return next(sae.parameters(), torch.empty(0)).dtype
 
 
 def padded_latents(
@@ -199,34 +171,6 @@ def padded_latents(
         indices.append(padded_indices.view(shape))
         selected.append((torch.arange(k, device=count.device) < count[:, None]).view(shape))
     return TopK(torch.stack(values), torch.stack(indices)), torch.stack(selected)
-
-
-def activation_map(transformer: Transformer, sae: SAE, name: str) -> LensMap:
-    """The map from `transformer`'s activations at `sae`'s site to those `sae` was trained
-    on; a `ConfigError` where TransformerLens' processing cannot be mapped there."""
-    try:
-        return lens_map(transformer, sae.layer, sae.site, sae.activation_source)
-    except ValueError as error:
-        raise ConfigError(f"{name} was trained on TransformerLens' activations: {error}") from None
-
-
-def check_stack_fits(transformer: Transformer, stack: SAEStack) -> None:
-    """A `ConfigError` for an SAE of `stack` that reads a block the transformer does not
-    have, or vectors of another width than its site's."""
-    config = text_config(transformer.config)
-    for sae, name in zip(stack, stack.names, strict=True):
-        if not 0 <= sae.layer < transformer.n_blocks:
-            raise ConfigError(
-                f"{name} reads block {sae.layer}, but {transformer.model_name} has "
-                f"{transformer.n_blocks} blocks (0 to {transformer.n_blocks - 1})"
-            )
-        width = site_width(config, sae.site)
-        if sae.d_in != width:
-            raise ConfigError(
-                f"{name} encodes vectors of width {sae.d_in}, but {sae.site} of block "
-                f"{sae.layer} of {transformer.model_name} has width {width}: is it an SAE "
-                "of this model?"
-            )
 
 
 def load_stack_source(

@@ -70,6 +70,8 @@ class LayerwiseWrapper(ClasswiseWrapper):
         super().__init__(metric, labels=names, prefix=prefix)
 
     def _convert_output(self, x: Float[Tensor, " layer"]) -> dict[str, Tensor]:
+        # torchmetrics squeezes a one-layer result to a scalar.
+        x = x.reshape(-1)
         values = super()._convert_output(x)
         return {**values, f"{self._prefix}avg": x.mean(dim=0, dtype=torch.float)}
 

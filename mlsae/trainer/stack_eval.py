@@ -26,8 +26,8 @@ from mlsae.metrics.firing import FIRING_THRESHOLD
 from mlsae.metrics.spliced import count_predictions, logit_kldiv, logit_mse, next_token_loss
 from mlsae.model.hparams import MLSAEConfig
 from mlsae.model.metric_sets import comparison_metrics, reconstruction_metrics, spliced_metrics
-from mlsae.saes.base import SAE
 from mlsae.saes.stack import SAEStack, load_sae_stack
+from mlsae.saes.stack_reader import StackReader, written_site
 from mlsae.trainer.config import TestConfig
 from mlsae.types import TopK
 from mlsae.utils import get_device
@@ -51,11 +51,6 @@ class LayerBatch(NamedTuple):
     the most that one vector has."""
 
 
-def written_site(sae: SAE) -> str:
-    """The site whose activations the SAE reconstructs: a transcoder's output site."""
-    return sae.output_site if sae.is_transcoder else sae.site
-
-
 def check_one_per_block(stack: SAEStack) -> None:
     """A `ConfigError` for two SAEs of one block: the columns are per block."""
     seen: dict[int, str] = {}
@@ -68,27 +63,8 @@ def check_one_per_block(stack: SAEStack) -> None:
         seen[sae.layer] = name
 
 
-def check_stack_fits(transformer: Transformer, stack: SAEStack) -> None:
-    """A `ConfigError` for an SAE that reads a block the transformer does not have, or
-    vectors of another width than its site's."""
-    config = text_config(transformer.config)
-    for sae, name in zip(stack, stack.names, strict=True):
-        if not 0 <= sae.layer < transformer.n_blocks:
-            raise ConfigError(
-                f"{name} reads block {sae.layer}, but {transformer.model_name} has "
-                f"{transformer.n_blocks} blocks (0 to {transformer.n_blocks - 1})"
-            )
-        width = site_width(config, sae.site)
-        if sae.d_in != width:
-            raise ConfigError(
-                f"{name} encodes vectors of width {sae.d_in}, but {sae.site} of block "
-                f"{sae.layer} of {transformer.model_name} has width {width}: is it an SAE "
-                "of this model?"
-            )
-
-
-def load_stack(config: TestConfig, device: torch.device) -> tuple[Transformer, SAEStack]:
-    """The transformer of --model_name and the SAEs of --sae, frozen, on `device`."""
+def load_stack(config: TestConfig, device: torch.device) -> StackReader:
+    """The SAEs of --sae over the transformer of --model_name, frozen, on `device`."""
     assert config.sae and config.model_name
     stack = load_sae_stack(config.sae, config.layers, dtype=torch.float32)
     check_one_per_block(stack)
@@ -98,9 +74,8 @@ def load_stack(config: TestConfig, device: torch.device) -> tuple[Transformer, S
         batch_size=config.data.batch_size,
         device=device,
     )
-    check_stack_fits(transformer, stack)
     stack.requires_grad_(False)
-    return transformer, stack.to(device).eval()
+    return StackReader(transformer, stack.to(device).eval())
 
 
 def nonzero_latents(acts: Float[Tensor, "*batch d_sae"]) -> TopK:
@@ -112,20 +87,13 @@ def nonzero_latents(acts: Float[Tensor, "*batch d_sae"]) -> TopK:
 
 
 @torch.no_grad()
-def run_layers(
-    transformer: Transformer, stack: SAEStack, tokens: Int[Tensor, "batch pos"]
-) -> list[LayerBatch]:
+def run_layers(reader: StackReader, tokens: Int[Tensor, "batch pos"]) -> list[LayerBatch]:
     """Each SAE's targets, reconstructions and latents, in the stack's order (one forward
     pass of the transformer reads every site)."""
-    wanted = list(
-        dict.fromkeys((sae.layer, site) for sae in stack for site in (sae.site, written_site(sae)))
-    )
-    read = transformer.read_sites(tokens, wanted)
     layers = []
-    for sae in stack:
-        inputs = read[(sae.layer, sae.site)].float()
-        targets = read[(sae.layer, written_site(sae))].float()
-        layers.append(LayerBatch(targets, sae(inputs), nonzero_latents(sae.encode(inputs))))
+    for sae, read in zip(reader.stack, reader.read(tokens, targets=True), strict=True):
+        recons = sae(read.inputs)
+        layers.append(LayerBatch(read.targets, recons, nonzero_latents(sae.encode(read.inputs))))
     return layers
 
 
@@ -138,8 +106,7 @@ def counted_positions(
 
 @torch.no_grad()
 def stack_spliced_losses(
-    transformer: Transformer,
-    stack: SAEStack,
+    reader: StackReader,
     tokens: Int[Tensor, "batch pos"],
     layers: list[LayerBatch],
     mask: Bool[Tensor, "batch pos"] | None,
@@ -150,19 +117,16 @@ def stack_spliced_losses(
     (`mse`) and KL divergence summed over a sequence's positions that count (`kl`) and
     per position that counts (`kl_per_token`)."""
     counted = counted_positions(tokens, mask)
-    own = transformer.model(input_ids=tokens, use_cache=False).logits
+    own = reader.transformer.model(input_ids=tokens, use_cache=False).logits
     loss_pred, mse, kl = [], [], []
-    for sae, layer in zip(stack, layers, strict=True):
-        replaced = torch.where(counted[..., None], layer.recons, layer.targets)
-        logits = transformer.logits_with_site_replaced(
-            tokens, sae.layer, written_site(sae), replaced
-        )
+    for position, layer in enumerate(layers):
+        logits = reader.logits_with_replaced(tokens, position, layer.recons, counted)
         loss_pred.append(next_token_loss(logits, tokens, mask))
         mse.append(logit_mse(own, logits, mask))
         kl.append(logit_kldiv(own, logits, mask))
     kl_sums = torch.stack(kl)
     return {
-        "loss_true": next_token_loss(own, tokens, mask).expand(len(stack)),
+        "loss_true": next_token_loss(own, tokens, mask).expand(len(layers)),
         "loss_pred": torch.stack(loss_pred),
         "mse": torch.stack(mse),
         "kl": kl_sums,
@@ -172,25 +136,22 @@ def stack_spliced_losses(
 
 @torch.no_grad()
 def stack_ablated_losses(
-    transformer: Transformer,
-    stack: SAEStack,
+    reader: StackReader,
     tokens: Int[Tensor, "batch pos"],
     layers: list[LayerBatch],
     mask: Bool[Tensor, "batch pos"] | None,
 ) -> dict[str, Float[Tensor, "*layer"]]:
     """Per SAE, what `mlsae.lm.splice.ablated_losses` gives per layer of an MLSAE: the
     loss with the written site's activations at the positions that count replaced by zeros
-    (`loss_zero`) and by their mean there (`loss_mean`); and the number of predictions the
-    losses average over (`n_predictions`, a scalar)."""
+    (`loss_zero`) and by their mean there (`loss_mean`), both in the SAE's terms; and the
+    number of predictions the losses average over (`n_predictions`, a scalar)."""
     counted = counted_positions(tokens, mask)
     losses: dict[str, list[Tensor]] = {"loss_zero": [], "loss_mean": []}
-    for sae, layer in zip(stack, layers, strict=True):
+    for position, layer in enumerate(layers):
         mean = layer.targets[counted].mean(dim=0)
         for name, value in (("loss_zero", torch.zeros_like(mean)), ("loss_mean", mean)):
-            replaced = torch.where(counted[..., None], value, layer.targets)
-            logits = transformer.logits_with_site_replaced(
-                tokens, sae.layer, written_site(sae), replaced
-            )
+            replacement = value.expand_as(layer.targets)
+            logits = reader.logits_with_replaced(tokens, position, replacement, counted)
             losses[name].append(next_token_loss(logits, tokens, mask))
     result = {name: torch.stack(values) for name, values in losses.items()}
     result["n_predictions"] = count_predictions(tokens, mask)
@@ -289,8 +250,7 @@ def inner_metrics(*collections: MetricCollection, device: torch.device) -> dict[
     """The layerwise metrics inside the per-layer wrappers of one-layer metric sets, by
     column group (`train/fvu`), on `device`; all but `train/dead/rel`, which counts every
     selected entry, and a stack's padding is no latent (`dead_latents_share` replaces it).
-    The wrappers themselves cannot split the result of one layer, which torchmetrics
-    returns as a scalar."""
+    The averages over layers are taken over the whole stack (`with_layer_averages`)."""
     return {
         group: wrapper.metric.to(device)
         for collection in collections
@@ -323,7 +283,8 @@ def evaluate_stack(config: TestConfig) -> dict[str, float]:
     """The metrics of the stack of --sae over --model_name on the held-out data: an
     MLSAE's columns but its training losses (`loss/*`)."""
     device = evaluation_device(config.accelerator)
-    transformer, stack = load_stack(config, device)
+    reader = load_stack(config, device)
+    transformer, stack = reader.transformer, reader.stack
     config_of_text = text_config(transformer.config)
     widths = [site_width(config_of_text, written_site(sae)) for sae in stack]
     metrics = StackMetrics(stack, widths, device)
@@ -331,8 +292,8 @@ def evaluate_stack(config: TestConfig) -> dict[str, float]:
     for batch in loader:
         tokens = batch["input_ids"].to(device)
         mask = None if config.count_special_tokens else ~transformer.special_token_mask(tokens)
-        layers = run_layers(transformer, stack, tokens)
-        spliced = stack_spliced_losses(transformer, stack, tokens, layers, mask)
-        ablated = stack_ablated_losses(transformer, stack, tokens, layers, mask)
+        layers = run_layers(reader, tokens)
+        spliced = stack_spliced_losses(reader, tokens, layers, mask)
+        ablated = stack_ablated_losses(reader, tokens, layers, mask)
         metrics.update(layers, mask, spliced, ablated, dead_latents_share(stack, layers, mask))
     return metrics.compute()

@@ -66,7 +66,7 @@ def test_splicing_what_the_sae_read_gives_the_models_own_logits(family, tmp_path
     tokens = recorded["tokens"]
     own = source.transformer.model(input_ids=tokens).logits
     read = source.read(tokens)
-    assert not all(lens.is_identity for lens in source.lens_maps)
+    assert not all(lens.is_identity for lens in source.reader.input_maps)
     for position in range(source.n_layers):
         # Not a constant, which the norms after a LayerNorm model's residual stream remove.
         changed = read[position] + torch.linspace(-1, 1, read[position].shape[-1])

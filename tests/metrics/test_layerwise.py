@@ -25,6 +25,13 @@ def test_layerwise_labels_every_layer_and_the_mean():
     }
 
 
+def test_one_layer_gives_its_value_and_the_mean():
+    """torchmetrics squeezes a one-element result to a scalar (a single-layer SAE)."""
+    wrapper = LayerwiseWrapper(LayerwiseL1Norm(1), layers=[5], prefix="l1/")
+    wrapper.update(values=torch.tensor([-3.0]).view(1, 1, 1, 1))
+    assert wrapper.compute() == {"l1/layer_5": 3.0, "l1/avg": 3.0}
+
+
 @pytest.mark.parametrize(
     ("labels", "keys"),
     [
