@@ -1,8 +1,9 @@
 """Names of models, runs and outputs, and reading them back: one home for the naming scheme.
 
 The published models are `tim-lawson/mlsae-<model>-x<E>-k<K>[-lens][-tfm]` (single-layer
-baselines `tim-lawson/sae-<model>-x<E>-k<K>[-tfm]-layers-<L>`); a run is named
-`mlsae-<model>-x<E>-k<K>[-layers-...]` unless `--run` names it; analyses write
+baselines `tim-lawson/sae-<model>-x<E>-k<K>[-tfm]-layers-<L>`), with `-<site>` after
+`-k<K>` for a model trained at a site other than the block output; a run is named
+`mlsae-<model>-x<E>-k<K>[-<site>][-layers-...]` unless `--run` names it; analyses write
 `<output_dir>/<owner>-<name>-<suffix>.<extension>` and test results `test_<name>.csv`; a
 stack of per-layer SAEs is named after its pattern or first SAE, ending in `-stack`.
 """
@@ -15,6 +16,12 @@ from pathlib import Path
 PUBLISHER = "tim-lawson"
 """The hub owner of the published models."""
 
+OTHER_SITES = ("resid_pre", "attn_out", "mlp_out", "mlp_in", "attn_z")
+"""The sites (`mlsae.lm.sites.SITES`) other than the default, resid_post, that a name
+carries."""
+
+_SITE = re.compile(r"-(" + "|".join(OTHER_SITES) + r")(?=-|$)")
+
 _PUBLISHED = re.compile(r"^(?:mlsae|sae)-(?P<model>.+)-x(?P<x>\d+)-k(?P<k>\d+)(?P<rest>.*)$")
 
 
@@ -25,12 +32,16 @@ def get_repo_id(
     tuned_lens: bool = False,
     transformer: bool = True,
     layers: list[int] | None = None,
+    site: str = "resid_post",
 ) -> str:
     """The hub id of a published MLSAE for these hyperparameters, as the original
     names them: `tim-lawson/mlsae-pythia-70m-deduped-x64-k32[-lens][-tfm]`, and
-    `tim-lawson/sae-...-layers-{L}` for a single-layer baseline (`layers=[L]`)."""
+    `tim-lawson/sae-...-layers-{L}` for a single-layer baseline (`layers=[L]`); a model
+    of another site than resid_post has `-<site>` after `-k<K>`."""
     name = model_name.split("/")[-1]
     repo_id = f"{PUBLISHER}/mlsae-{name}-x{expansion_factor}-k{k}"
+    if site != "resid_post":
+        repo_id += f"-{site}"
     if tuned_lens:
         repo_id += "-lens"
     if transformer:
@@ -56,6 +67,9 @@ class PublishedName:
     layers: str | None = None
     """The `-layers-` part of a single-layer baseline's name."""
 
+    site: str = "resid_post"
+    """The site the model reads (`-<site>` in the name; none for resid_post)."""
+
 
 def parse_repo_id(repo_id: str) -> PublishedName | None:
     """What `get_repo_id` put into a name (the owner may be any), or None for another."""
@@ -71,13 +85,22 @@ def parse_repo_id(repo_id: str) -> PublishedName | None:
         tuned_lens="-lens" in rest,
         transformer="-tfm" in rest,
         layers=layers[1] if layers else None,
+        site=site[1] if (site := _SITE.search(rest)) else "resid_post",
     )
 
 
-def run_name(model_name: str, expansion_factor: int, k: int, layers: list[int] | None) -> str:
-    """A run's default name: `mlsae-<model>-x<E>-k<K>[-layers-<l1>-<l2>...]`."""
+def run_name(
+    model_name: str,
+    expansion_factor: int,
+    k: int,
+    layers: list[int] | None,
+    site: str = "resid_post",
+) -> str:
+    """A run's default name: `mlsae-<model>-x<E>-k<K>[-<site>][-layers-<l1>-<l2>...]`."""
     model = model_name.rstrip("/").split("/")[-1]
     name = f"mlsae-{model}-x{expansion_factor}-k{k}"
+    if site != "resid_post":
+        name += f"-{site}"
     if layers is not None:
         name += "-layers-" + "-".join(map(str, layers))
     return name

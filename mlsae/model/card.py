@@ -20,6 +20,17 @@ HELD_OUT = (
 )
 
 
+SITE_WORDS = {
+    "resid_pre": "residual stream entering",
+    "resid_post": "residual stream after",
+    "attn_out": "attention output of",
+    "mlp_out": "MLP output of",
+    "mlp_in": "normalised MLP input of",
+    "attn_z": "concatenated attention heads' outputs (attn_z) of",
+}
+"""How the card names each site (`mlsae.lm.sites.SITES`)."""
+
+
 def _held_out_table(metrics: dict[str, float] | None) -> str:
     rows = []
     for suffix, plain in HELD_OUT:
@@ -37,6 +48,7 @@ def mlsae_transformer_card(model: Any, metrics: dict[str, float] | None = None) 
     hparams = model.hyperparameters
     variant = "TopK"
     lens = " after the model's tuned lens" if hparams.tuned_lens else ""
+    where = SITE_WORDS.get(hparams.site, f"`{hparams.site}`")
     content = f"""---
 {ModelCardData(library_name="mlsae", license="mit", tags=["sparse-autoencoder", "mlsae"]).to_yaml()}
 ---
@@ -44,7 +56,7 @@ def mlsae_transformer_card(model: Any, metrics: dict[str, float] | None = None) 
 # Multi-Layer SAE on {hparams.model_name}
 
 A Multi-Layer Sparse Autoencoder (MLSAE): one {variant} sparse autoencoder trained on the
-residual stream after each of the blocks {list(model.layers)} of `{hparams.model_name}`
+{where} each of the blocks {list(model.layers)} of `{hparams.model_name}`
 at once{lens}, with {model.n_latents:,} latents ({hparams.expansion_factor} x the model's
 width of {model.n_inputs}) of which {hparams.k} are kept per vector, AuxK over
 {hparams.auxk} dead latents.

@@ -40,7 +40,7 @@ def run_name(config: RunConfig) -> str:
     if config.run:
         return config.run
     ae = config.autoencoder
-    return names.run_name(config.model_name, ae.expansion_factor, ae.k, config.layers)
+    return names.run_name(config.model_name, ae.expansion_factor, ae.k, config.layers, config.site)
 
 
 def _wandb_logged_in() -> bool:

@@ -22,6 +22,7 @@ def tfm_repo_id(model: MLSAETransformer, model_name: str | None = None) -> str:
         model.tuned_lens,
         True,
         layers,
+        model.site,
     )
 
 

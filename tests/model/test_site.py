@@ -14,6 +14,7 @@ from mlsae.lm.sites import SITES
 from mlsae.lm.splice import spliced_metrics
 from mlsae.model.hparams import MLSAEHyperparameters
 from mlsae.model.lightning import MLSAETransformer
+from mlsae.trainer.upload import tfm_repo_id
 from tests.goldens import GOLDENS
 from tests.model.tiny_models import SEPARATE_SPECIAL_TOKENS, build_tokenizer
 
@@ -127,6 +128,10 @@ def test_the_site_is_saved_only_where_it_is_not_the_default(tmp_path: Path):
     model.save_pretrained(tmp_path / "mlp_out")
     saved = json.loads((tmp_path / "mlp_out" / "config.json").read_text())
     assert saved["site"] == "mlp_out"
+    assert (
+        "the\nMLP output of each of the blocks" in (tmp_path / "mlp_out" / "README.md").read_text()
+    )
+    assert tfm_repo_id(model).endswith("-mlp_out-tfm")
 
     loaded = MLSAETransformer.from_pretrained(tmp_path / "mlp_out")
     assert loaded.site == loaded.transformer.site == "mlp_out"
