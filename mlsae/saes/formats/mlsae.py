@@ -3,15 +3,16 @@ with `n_inputs` and `n_latents`, `model.safetensors`), or an `MLSAETransformer` 
 `-tfm` folder (`config.json` with `model_name` and `expansion_factor`), of which only the
 `autoencoder.*` tensors are read: the language model is never loaded.
 
-One MLSAE reads the residual stream leaving each block it was trained on (`resid_post`: the
-block's output, before any final norm, as `mlsae.lm.transformer.Transformer.residual_stream`
-captures it), every layer with the same weights. `layers` lists those blocks (None where the
-files do not say, as for a plain `MLSAE`: pass `layers=`); `layer` is the block of a
-one-layer model, None otherwise. `encode` and `decode` are `MLSAE.encode` and
-`MLSAE.decode`, so the per-vector standardisation, the pre-encoder bias and the top-k are
-the model's own. Models trained with `skip_special_tokens` never saw the BOS/EOS/PAD
-positions (they were zeroed): that is the data's concern, not the SAE's. A `-lens` model
-reads the stream through its tuned lens, which this interface does not apply: it is refused.
+One MLSAE reads one site of each block it was trained on, every layer with the same weights:
+the `site` of a `-tfm` config (see `mlsae.lm.sites`), or `resid_post` (the block's output,
+before any final norm) where the config has none, as for a plain `MLSAE`. `layers` lists
+those blocks (None where the files do not say, as for a plain `MLSAE`: pass `layers=`);
+`layer` is the block of a one-layer model, None otherwise. `encode` and `decode` are
+`MLSAE.encode` and `MLSAE.decode`, so the per-vector standardisation, the pre-encoder bias
+and the top-k are the model's own. Models trained with `skip_special_tokens` never saw the
+BOS/EOS/PAD positions (they were zeroed): that is the data's concern, not the SAE's. A
+`-lens` model reads the stream through its tuned lens, which this interface does not apply:
+it is refused.
 """
 
 import json
@@ -22,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mlsae.lm.sites import SITES
 from mlsae.model.autoencoder import MLSAE
 from mlsae.model.resolve import saved_kind
 from mlsae.saes import base
@@ -39,12 +41,14 @@ class MLSAEAdapter(SAE):
 
     format = "mlsae"
 
-    def __init__(self, autoencoder: MLSAE, layers: list[int] | None = None) -> None:
+    def __init__(
+        self, autoencoder: MLSAE, layers: list[int] | None = None, site: str = "resid_post"
+    ) -> None:
         one = layers[0] if layers is not None and len(layers) == 1 else None
-        super().__init__(autoencoder.n_inputs, autoencoder.n_latents, one, "resid_post")
+        super().__init__(autoencoder.n_inputs, autoencoder.n_latents, one, site)
         self.autoencoder = autoencoder
         self.layers = layers
-        """The blocks whose outputs the model reads, or None where the files do not say."""
+        """The blocks whose `site` the model reads, or None where the files do not say."""
         self._last_stats: Stats | None = None
 
     def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
@@ -182,16 +186,27 @@ def load(path: Path, layers: list[int] | int | None = None) -> SAE:
     file = folder / CONFIG
     config = read_config(file)
     kind = saved_kind(config)
+    site = "resid_post"
     if kind == "MLSAE":
         autoencoder, saved = read_plain(folder), None
     elif kind == "MLSAETransformer":
+        site = saved_site(file, config)
         autoencoder, saved = read_transformer(folder, config)
     else:
         raise SAEFileError(
             f"{file} describes no MLSAE: it holds neither n_inputs and n_latents (a plain "
             "MLSAE) nor model_name and expansion_factor (an MLSAETransformer)"
         )
-    return MLSAEAdapter(autoencoder, chosen_layers(file, saved, layers))
+    return MLSAEAdapter(autoencoder, chosen_layers(file, saved, layers), site)
+
+
+def saved_site(file: Path, config: dict[str, Any]) -> str:
+    """The site of an `MLSAETransformer`'s config (`resid_post` where it has none, as
+    configs written before `site` existed)."""
+    site = config.get("site", "resid_post")
+    if site not in SITES:
+        raise SAEFileError(f"{file}: site must be one of {', '.join(SITES)}, not {site!r}")
+    return site
 
 
 register(Format("mlsae", marks=(CONFIG,), load=load, claims=is_mlsae_folder))
