@@ -3,8 +3,9 @@
 The published models are `tim-lawson/mlsae-<model>-x<E>-k<K>[-lens][-tfm]` (single-layer
 baselines `tim-lawson/sae-<model>-x<E>-k<K>[-tfm]-layers-<L>`), with `-<site>` after
 `-k<K>` for a model trained at a site other than the block output; a run is named
-`mlsae-<model>-x<E>-k<K>[-<site>][-layers-...]` unless `--run` names it; analyses write
-`<output_dir>/<owner>-<name>-<suffix>.<extension>` and test results `test_<name>.csv`; a
+`mlsae-<model>-x<E>-k<K>[-<architecture>][-<site>][-layers-...]` unless `--run` names it;
+analyses write `<output_dir>/<owner>-<name>-<suffix>.<extension>` and test results
+`test_<name>.csv`; a
 stack of per-layer SAEs is named after its pattern or first SAE, ending in `-stack`.
 """
 
@@ -95,10 +96,15 @@ def run_name(
     k: int,
     layers: list[int] | None,
     site: str = "resid_post",
+    architecture: str = "topk",
 ) -> str:
-    """A run's default name: `mlsae-<model>-x<E>-k<K>[-<site>][-layers-<l1>-<l2>...]`."""
+    """A run's default name:
+    `mlsae-<model>-x<E>-k<K>[-<architecture>][-<site>][-layers-<l1>-<l2>...]`, the
+    architecture and site only where they are not the defaults (topk, resid_post)."""
     model = model_name.rstrip("/").split("/")[-1]
     name = f"mlsae-{model}-x{expansion_factor}-k{k}"
+    if architecture != "topk":
+        name += f"-{architecture}"
     if site != "resid_post":
         name += f"-{site}"
     if layers is not None:

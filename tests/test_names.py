@@ -21,6 +21,9 @@ def test_a_site_other_than_the_block_output_is_in_the_names_and_read_back():
     assert (parse_repo_id(single).site, parse_repo_id(single).layers) == ("attn_z", "3")
     assert run_name("org/m", 8, 4, [1, 2], "resid_pre") == "mlsae-m-x8-k4-resid_pre-layers-1-2"
     assert run_name("org/m", 8, 4, None) == "mlsae-m-x8-k4"
+    assert run_name("org/m", 8, 4, [0], "mlp_out", "batchtopk") == (
+        "mlsae-m-x8-k4-batchtopk-mlp_out-layers-0"
+    )
 
 
 def test_names_know_every_site():

@@ -11,10 +11,9 @@ For an input vector x (a residual-stream vector of any layer):
 AuxK (Gao et al., 2024) also keeps the `auxk` largest pre-activations among the dead latents;
 their reconstruction `W_dec relu(auxk)` (no bias) models the residual error
 `x_std - recons_std`. The steps run on a backend of `mlsae.sparse`, chosen per call; all
-compute this function.
+compute this function. `architecture` selects otherwise (BatchTopK, Matryoshka:
+`mlsae.model.variants`, docs/variants.md).
 """
-
-from typing import NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -22,64 +21,26 @@ from torch import Tensor, nn
 
 from mlsae import sparse
 from mlsae.metrics import FIRING_THRESHOLD
+from mlsae.model import variants
 from mlsae.model.hub import StrictHubMixin
 from mlsae.model.maintenance import (  # noqa: F401 (their home before maintenance.py)
     maintain_decoder,
     unit_norm_decoder,
     unit_norm_decoder_gradient,
 )
+from mlsae.model.outputs import AutoencoderOutput, EncoderOutput, StandardizedOutput
 from mlsae.sparse import latent_major_linear
 from mlsae.types import Stats, TopK
 
 DEFAULT_DEAD_TOKENS_THRESHOLD = 10_000_000
-
-
-class EncoderOutput(NamedTuple):
-    """What `MLSAE.encode` returns."""
-
-    topk: TopK
-    """The k largest pre-activations of every vector (before ReLU) and their latents."""
-
-    auxk: TopK | None
-    """The largest pre-activations among dead latents (at most `auxk` of them; an
-    empty selection when no latent is dead), or None when `auxk` is None."""
-
-    stats: Stats | None
-    """The statistics removed by standardisation, or None without it."""
-
-    dead: Float[Tensor, ""]
-    """The fraction of latents that are dead."""
-
-
-class AutoencoderOutput(NamedTuple):
-    """What `MLSAE.forward` returns."""
-
-    topk: TopK
-    """The k largest latents of every vector, after ReLU."""
-
-    recons: Float[Tensor, "... n_inputs"]
-    """The reconstructions, in the space of the inputs."""
-
-    auxk: TopK | None
-    """AuxK's selection among dead latents, after ReLU (None when `auxk` is None)."""
-
-    auxk_recons: Float[Tensor, "... n_inputs"] | None
-    """AuxK's model of the residual error `standardised inputs - (decode(topk) +
-    pre_encoder_bias)`: `decode(auxk)` in the standardised space, with no bias."""
-
-    dead: Float[Tensor, ""]
-    """The fraction of latents that are dead."""
-
-
-class StandardizedOutput(NamedTuple):
-    """`MLSAE.forward` together with the standardised-space tensors AuxK needs."""
-
-    output: AutoencoderOutput
-    inputs: Float[Tensor, "... n_inputs"]
-    """The encoder's inputs before the pre-encoder bias is subtracted."""
-
-    recons: Float[Tensor, "... n_inputs"]
-    """`decode(topk) + pre_encoder_bias`, before un-standardisation."""
+VARIANT_DEFAULTS = {
+    "architecture": "topk",
+    "batchtopk_capacity": None,
+    "batchtopk_pool": "stack",
+    "matryoshka_widths": None,
+    "matryoshka_selection": "batchtopk",
+}
+"""The architecture's options, which a TopK model's config does not hold."""
 
 
 def standardize(
@@ -127,6 +88,11 @@ class MLSAE(
     it, and here it has no effect. Likewise, a checkpoint's `last_nonzero` tensor
     (the original's per-forward counter) is accepted and dropped.
 
+    `architecture` (`topk`, `batchtopk`, `matryoshka`) and its options are those of
+    `mlsae.model.variants`; BatchTopK models (Matryoshka's by default) hold the threshold
+    they use at inference in the float64 buffer `batchtopk_threshold`, which
+    `update_batchtopk_threshold` moves once per optimizer step in training.
+
     `backend` (None: chosen per call, see `mlsae.sparse.backend`) names the
     implementation of the sparse steps; the decoder weight is stored latent-major
     (`mlsae.sparse.layout`), with the shape and state dict of a plain `nn.Linear`.
@@ -134,7 +100,7 @@ class MLSAE(
 
     _optional_keys = ("tokens_since_fired",)
     _ignored_keys = ("last_nonzero",)
-    _new_config_keys = ("dead_tokens_threshold",)
+    _new_config_keys = ("dead_tokens_threshold", *VARIANT_DEFAULTS)
 
     tokens_since_fired: Int[Tensor, " n_latents"]
 
@@ -148,6 +114,11 @@ class MLSAE(
         auxk: int | None = 256,
         standardize: bool = True,
         dead_tokens_threshold: int = DEFAULT_DEAD_TOKENS_THRESHOLD,
+        architecture: str = "topk",
+        batchtopk_capacity: int | None = None,
+        batchtopk_pool: str = "stack",
+        matryoshka_widths: list[int] | None = None,
+        matryoshka_selection: str = "batchtopk",
     ) -> None:
         """
         Args:
@@ -160,6 +131,8 @@ class MLSAE(
             standardize: Whether to standardise every input vector.
             dead_tokens_threshold: Training tokens without firing after which a
                 latent is dead.
+            architecture, batchtopk_capacity, batchtopk_pool, matryoshka_widths,
+                matryoshka_selection: see `mlsae.model.variants` (the default: TopK).
         """
         super().__init__()
         _check_positive("n_inputs", n_inputs)
@@ -181,12 +154,21 @@ class MLSAE(
         self.standardize = standardize
         self.dead_tokens_threshold = dead_tokens_threshold
         self.backend: str | None = None
+        options = (batchtopk_capacity, batchtopk_pool, matryoshka_widths, matryoshka_selection)
+        self.variant = variants.resolve_variant(architecture, k, n_latents, *options)
+        self.architecture = architecture
+        config = getattr(self, "_hub_mixin_config", None)
+        for name, default in VARIANT_DEFAULTS.items():
+            if isinstance(config, dict) and name in config and config[name] == default:
+                del config[name]  # a TopK model's config keeps exactly its published keys
 
         self.encoder = nn.Linear(n_inputs, n_latents, bias=False)
         self.decoder = latent_major_linear(n_latents, n_inputs)
         self.pre_encoder_bias = nn.Parameter(torch.zeros(n_inputs))
         self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
         self._dead_indices: Tensor | None = None
+        if self.variant.batchtopk:
+            self.register_buffer("batchtopk_threshold", torch.zeros((), dtype=torch.float64))
 
         with torch.no_grad():
             self.decoder.weight.copy_(self.encoder.weight.T)
@@ -233,6 +215,24 @@ class MLSAE(
         self.tokens_since_fired.copy_(torch.where(fired_counts > 0, 0, aged))
         self._dead_indices = None
 
+    @torch.no_grad()
+    def update_batchtopk_threshold(self, minimum: Float[Tensor, ""]) -> None:
+        """One optimizer step's update of the threshold, as SAELens: `t <- 0.99 t + 0.01 m`
+        for `m` the step's smallest positive kept activation (+inf: no update)."""
+        t = self.batchtopk_threshold
+        m = minimum.to(t)
+        rate = variants.THRESHOLD_RATE
+        t.copy_(torch.where(torch.isfinite(m), (1 - rate) * t + rate * m, t))
+
+    def _apply(self, fn, recurse=True):
+        # A cast of the model (.half(), Lightning's 16-true) keeps the threshold float64.
+        threshold = self._buffers.get("batchtopk_threshold")
+        module = super()._apply(fn, recurse)
+        moved = self._buffers.get("batchtopk_threshold")
+        if threshold is not None and moved is not None and moved.dtype != torch.float64:
+            self._buffers["batchtopk_threshold"] = threshold.to(moved.device)
+        return module
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._dead_indices = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -259,17 +259,47 @@ class MLSAE(
         return standardize(inputs)
 
     def _backend(self, inputs: Tensor) -> str:
-        return sparse.resolve_backend(inputs.device, self.k, self.n_latents, self.backend)
+        capacity = self.variant.capacity
+        return sparse.resolve_backend(inputs.device, capacity, self.n_latents, self.backend)
 
-    def _select(self, inputs_std: Tensor, backend: str) -> tuple[TopK, TopK | None]:
-        """The top-k of `W_enc (inputs_std - b)` and AuxK's selection, before ReLU."""
+    def _select(
+        self, inputs_std: Tensor, backend: str, k: int | None = None
+    ) -> tuple[TopK, TopK | None]:
+        """The top-k (default k: `self.k`) of `W_enc (inputs_std - b)` and AuxK's
+        selection, before ReLU."""
         flat = inputs_std.reshape(-1, self.n_inputs)
         dead = self.dead_latent_indices() if self.auxk is not None else None
         topk, auxk = sparse.encode(
-            flat, self.encoder.weight, self.k, self.auxk, dead, self.pre_encoder_bias, backend
+            flat, self.encoder.weight, k or self.k, self.auxk, dead, self.pre_encoder_bias, backend
         )
         topk = _unflatten(topk, inputs_std)
         return topk, None if self.auxk is None else _unflatten(auxk, inputs_std)
+
+    def _select_variant(
+        self, inputs_std: Tensor, backend: str, mask: Tensor | None
+    ) -> tuple[TopK, TopK | None]:
+        """Another architecture's selection (values after ReLU, `capacity` per vector,
+        zeros where not kept) and AuxK's (before ReLU): BatchTopK among the candidates
+        in training, JumpReLU at `batchtopk_threshold` at inference (with more entries
+        per vector where some vector has more latents above it), or TopK."""
+        topk, auxk = self._select(inputs_std, backend, self.variant.capacity)
+        if not self.variant.batchtopk:
+            return TopK(torch.relu(topk.values), topk.indices), auxk
+        if self.training:
+            selected = variants.batchtopk(topk, self.k, mask, self.variant.pool, self.n_latents)
+            return selected, auxk
+        capacity = self.variant.capacity
+        selected = variants.jumprelu(topk, self.batchtopk_threshold)
+        # JumpReLU keeps every latent above the threshold: where a vector kept all its
+        # candidates, there may be more, so look at twice as many.
+        while (
+            capacity < self.n_latents
+            and variants.capped_vectors(selected.values, self.n_latents)[0]
+        ):
+            capacity = min(2 * capacity, self.n_latents)
+            topk, auxk = self._select(inputs_std, backend, capacity)
+            selected = variants.jumprelu(topk, self.batchtopk_threshold)
+        return selected, auxk
 
     def _decode_latents(self, topk: TopK, backend: str | None = None) -> Tensor:
         """`W_dec topk` (no bias)."""
@@ -277,14 +307,23 @@ class MLSAE(
             return topk.values.new_zeros((*topk.values.shape[:-1], self.n_inputs))
         return sparse.decode(topk, self.decoder.weight, backend or self.backend)
 
-    def encode(self, inputs: Float[Tensor, "... n_inputs"]) -> EncoderOutput:
+    def encode(
+        self, inputs: Float[Tensor, "... n_inputs"], mask: Tensor | None = None
+    ) -> EncoderOutput:
         """Standardise, subtract the pre-encoder bias, encode, keep the k largest.
 
-        The values are pre-activations, before ReLU.
+        The values are pre-activations, before ReLU. For BatchTopK (in training, among the
+        vectors where `mask`, broadcast to the leading shape, is True), JumpReLU (at
+        inference) or Matryoshka, `capacity` entries per vector: the kept pre-activations
+        (all positive) and zeros where not kept (docs/variants.md).
         """
         self._check_inputs(inputs)
         inputs_std, stats = self._standardize(inputs)
-        topk, auxk = self._select(inputs_std, self._backend(inputs_std))
+        backend = self._backend(inputs_std)
+        if self.variant.architecture != "topk":
+            topk, auxk = self._select_variant(inputs_std, backend, mask)
+            return EncoderOutput(topk, auxk, stats, self._dead_fraction())
+        topk, auxk = self._select(inputs_std, backend)
         return EncoderOutput(topk, auxk, stats, self._dead_fraction())
 
     def decode(self, topk: TopK, stats: Stats | None = None) -> Float[Tensor, "... n_inputs"]:
@@ -293,16 +332,22 @@ class MLSAE(
         recons = self._decode_latents(topk) + self.pre_encoder_bias
         return recons if stats is None else unstandardize(recons, stats)
 
-    def forward_standardized(self, inputs: Float[Tensor, "... n_inputs"]) -> StandardizedOutput:
+    def forward_standardized(
+        self, inputs: Float[Tensor, "... n_inputs"], mask: Tensor | None = None
+    ) -> StandardizedOutput:
         """`forward`, also returning the standardised inputs and reconstructions."""
         self._check_inputs(inputs)
         inputs_std, stats = self._standardize(inputs)
         backend = self._backend(inputs_std)
-        if backend in sparse.FUSED_BACKENDS and inputs_std.numel() > 0:
+        topk_only = self.variant.architecture == "topk"
+        if topk_only and backend in sparse.FUSED_BACKENDS and inputs_std.numel() > 0:
             topk, auxk, decoded, auxk_recons = self._autoencode_fused(inputs_std, backend)
         else:
-            topk, auxk = self._select(inputs_std, backend)
-            topk = TopK(torch.relu(topk.values), topk.indices)
+            if topk_only:
+                topk, auxk = self._select(inputs_std, backend)
+                topk = TopK(torch.relu(topk.values), topk.indices)
+            else:
+                topk, auxk = self._select_variant(inputs_std, backend, mask)
             decoded = self._decode_latents(topk, backend)
             auxk_recons = None
             if auxk is not None:
@@ -311,7 +356,13 @@ class MLSAE(
         recons_std = decoded + self.pre_encoder_bias
         recons = recons_std if stats is None else unstandardize(recons_std, stats)
         output = AutoencoderOutput(topk, recons, auxk, auxk_recons, self._dead_fraction())
-        return StandardizedOutput(output, inputs_std, recons_std)
+        prefixes = []
+        for width in self.variant.widths[:-1]:  # Matryoshka's (the last is the full width)
+            prefix = variants.prefix_topk(topk, width)
+            prefix_std = self._decode_latents(prefix, backend) + self.pre_encoder_bias
+            prefixes.append(prefix_std if stats is None else unstandardize(prefix_std, stats))
+        prefix_recons = (*prefixes, recons) if self.variant.widths else ()
+        return StandardizedOutput(output, inputs_std, recons_std, prefix_recons)
 
     def _autoencode_fused(
         self, inputs_std: Tensor, backend: str
@@ -335,9 +386,12 @@ class MLSAE(
         auxk = _unflatten(fused.auxk, inputs_std)
         return topk, auxk, decoded, fused.auxk_decoded.reshape(inputs_std.shape)
 
-    def forward(self, inputs: Float[Tensor, "... n_inputs"]) -> AutoencoderOutput:
-        """Encode, ReLU the k largest, decode. See `AutoencoderOutput`."""
-        return self.forward_standardized(inputs).output
+    def forward(
+        self, inputs: Float[Tensor, "... n_inputs"], mask: Tensor | None = None
+    ) -> AutoencoderOutput:
+        """Encode, ReLU the k largest, decode. See `AutoencoderOutput` (`mask`: the vectors
+        that count in a BatchTopK selection, see `encode`)."""
+        return self.forward_standardized(inputs, mask).output
 
 
 def _unflatten(topk: TopK, like: Tensor) -> TopK:

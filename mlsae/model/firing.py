@@ -1,7 +1,9 @@
-"""Which latents fired during one optimizer step, for the dead-latent state."""
+"""Which latents fired during one optimizer step, for the dead-latent state, and the step's
+BatchTopK minimum, for the threshold."""
 
 from collections.abc import Callable
 
+import torch
 from jaxtyping import Int
 from torch import Tensor
 
@@ -27,3 +29,24 @@ class StepFiring:
         fired, tokens = reduce(self.fired), reduce(self.tokens)
         autoencoder.update_dead_latents(fired * ~skip, tokens * ~skip)
         self.fired = self.tokens = None
+
+
+class StepMinimum:
+    """The smallest of a value over the micro-batches of one optimizer step (BatchTopK's
+    smallest positive kept activation), applied to the threshold once, when the step ends."""
+
+    def __init__(self) -> None:
+        self.minimum: Tensor | None = None
+
+    def add(self, value: Tensor) -> None:
+        """One micro-batch's value (+inf: none)."""
+        self.minimum = value if self.minimum is None else torch.minimum(self.minimum, value)
+
+    def apply(self, autoencoder, skip: Tensor, reduce: Callable[[Tensor], Tensor]) -> None:
+        """`autoencoder.update_batchtopk_threshold` with the step's minimum, the minimum over
+        ranks by `reduce`; a skipped step leaves the threshold as it was."""
+        if self.minimum is None:
+            return
+        minimum = reduce(self.minimum.clone())
+        autoencoder.update_batchtopk_threshold(torch.where(skip, float("inf"), minimum))
+        self.minimum = None

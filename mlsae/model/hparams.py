@@ -16,6 +16,7 @@ from simple_parsing import field
 from mlsae.cli import ConfigError
 from mlsae.lm.sites import SITES
 from mlsae.metrics import FIRING_THRESHOLD
+from mlsae.model.variants import check_variant_options
 
 
 @dataclass
@@ -64,6 +65,38 @@ class MLSAEConfig:
 
     tuned_lens: bool = False
     """Whether to translate the residual stream with the model's tuned lens."""
+
+    architecture: str = "topk"
+    """topk (k latents per vector), batchtopk (k per vector on average over the micro-batch's
+    vectors that count; JumpReLU at a learnt threshold at inference) or matryoshka (the loss
+    sums the reconstruction losses of nested prefixes of the latents). docs/variants.md."""
+
+    batchtopk_capacity: int | None = None
+    """BatchTopK's candidates per vector, at least k (default: 4 k, at most the latents): exact
+    whenever no vector keeps all its candidates (logged as train/batchtopk/capped)."""
+
+    batchtopk_pool: str = "stack"
+    """Where BatchTopK keeps k per vector on average: stack (one pool over every layer's
+    vectors, as one SAE sees them all) or layer (one pool per layer)."""
+
+    matryoshka_widths: list[int] | None = None
+    """Matryoshka's nested prefixes of latents, increasing, space-separated: --matryoshka_widths
+    128 512 2048 (the number of latents is added last where it is not)."""
+
+    matryoshka_selection: str = "batchtopk"
+    """How Matryoshka selects latents: batchtopk (the default, as Bussmann et al.) or topk."""
+
+    def architecture_options(self) -> dict[str, Any]:
+        """The architecture and its options, as `MLSAE` takes them."""
+        names = ("architecture", "batchtopk_capacity", "batchtopk_pool", "matryoshka_widths")
+        return {name: getattr(self, name) for name in (*names, "matryoshka_selection")}
+
+    def check_architecture(self) -> None:
+        """A one-line `ConfigError` for architecture options that cannot work (those that
+        need the number of latents are checked when the model is built)."""
+        options = self.architecture_options()
+        architecture = options.pop("architecture")
+        check_variant_options(architecture, self.k, *options.values())
 
 
 @dataclass

@@ -23,17 +23,23 @@ from mlsae.lm.stream import ResidualStream, read_residual_stream
 from mlsae.lm.transformer import Transformer
 from mlsae.model.autoencoder import MLSAE, AutoencoderOutput
 from mlsae.model.card import mlsae_transformer_card
-from mlsae.model.firing import StepFiring
+from mlsae.model.firing import StepFiring, StepMinimum
 from mlsae.model.geom_median import geometric_median
 from mlsae.model.hparams import MLSAEHyperparameters, check_site
 from mlsae.model.hub import CheckpointError, StrictHubMixin, download_options, read_config
 from mlsae.model.losses import mlsae_loss
 from mlsae.model.maintenance import maintain_decoder
-from mlsae.model.metric_sets import comparison_metrics, reconstruction_metrics
+from mlsae.model.metric_sets import (
+    comparison_metrics,
+    log_selection,
+    reconstruction_metrics,
+    selection_metrics,
+)
 from mlsae.model.metric_sets import spliced_metrics as spliced_metric_set
 from mlsae.model.non_finite import NonFiniteTracker
 from mlsae.model.optimization import configure_adam
 from mlsae.model.resolve import find_language_model
+from mlsae.model.variants import min_positive
 
 __all__ = ["MLSAETransformer", "ResidualStream"]
 
@@ -64,6 +70,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         LightningModule.__init__(self)
         hparams = MLSAEHyperparameters.bind(*args, **kwargs)
         check_site(hparams.site, hparams.tuned_lens)
+        hparams.check_architecture()
         self.save_hyperparameters(asdict(hparams))
         self._hub_mixin_config = hparams.to_config()
         self.hyperparameters = hparams
@@ -104,6 +111,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
             hparams.auxk,
             hparams.standardize,
             dead_tokens_threshold=hparams.dead_tokens_threshold,
+            **hparams.architecture_options(),
         )
         self.lens: TunedLens | None = None
         if hparams.tuned_lens:
@@ -122,10 +130,13 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         self.micro_batches_seen = 0
         self.non_finite = NonFiniteTracker(self.layers)
         self.step_firing = StepFiring()
+        self.step_minimum = StepMinimum()
         self.train_metrics = reconstruction_metrics(
             self.layers, self.n_latents, hparams.dead_tokens_threshold, hparams.dead_threshold
         )
         self.val_metrics = spliced_metric_set(self.layers)
+        widths = self.autoencoder.variant.widths
+        self.selection_metrics = selection_metrics(self.layers, hparams.dead_threshold, widths)
 
     __init__.__signature__ = MLSAEHyperparameters.signature()  # type: ignore[attr-defined]
 
@@ -214,10 +225,12 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         stream = stream._replace(inputs=self.non_finite.sanitize(stream.inputs)[0])
         if not self.bias_initialized:
             self._initialize_bias(stream)
-        result = self.autoencoder.forward_standardized(stream.inputs)
+        result = self.autoencoder.forward_standardized(stream.inputs, stream.mask)
         output = result.output
         loss = mlsae_loss(stream.inputs, result, stream.mask, self.auxk_coef)
         self.non_finite.observe_loss(loss.total)
+        if self.autoencoder.variant.batchtopk:
+            self.step_minimum.add(min_positive(output.topk.values))
 
         self.step_firing.add(
             self.autoencoder.fired_counts(output.topk, stream.mask), stream.n_counted()
@@ -232,6 +245,9 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         )
         logged = {"loss/total": loss.total, "loss/mse": loss.fvu, "loss/auxk": loss.auxk}
         logged["train/dead/abs"] = output.dead
+        logged.update(self._selection_metrics(stream, result))
+        if self.autoencoder.variant.batchtopk:
+            logged["train/batchtopk/threshold"] = self.autoencoder.batchtopk_threshold.float()
         self.log_dict({**metrics, **logged}, batch_size=stream.inputs.shape[1])
         return loss.total
 
@@ -240,11 +256,19 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         skip = self.non_finite.end_step(self.global_step)
         optimizer.skip_step_if(skip)
         self.step_firing.apply(self.autoencoder, skip, self._sum_over_ranks)
+        self.step_minimum.apply(self.autoencoder, skip, lambda t: self._sum_over_ranks(t, "min"))
 
-    def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
+    def _sum_over_ranks(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        """`tensor` reduced over the ranks by `op` (sum, or min)."""
         if self._trainer is None or self.trainer.world_size == 1:
             return tensor
-        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+        return self.trainer.strategy.reduce(tensor, reduce_op=op)
+
+    def _selection_metrics(self, stream: ResidualStream, result: Any) -> dict[str, Tensor]:
+        """`metric_sets.log_selection` of this micro-batch."""
+        metrics, batchtopk = self.selection_metrics, self.autoencoder.variant.batchtopk
+        inputs, mask = stream.inputs, stream.mask
+        return log_selection(metrics, batchtopk, self.n_latents, inputs, result, mask)
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
         interval = self.trainer.log_every_n_steps if self._trainer is not None else 1
@@ -284,7 +308,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
     def _evaluate(self, batch: dict[str, Tensor], compare: bool = False) -> dict[str, Tensor]:
         tokens = batch["input_ids"]
         stream = self.residual_stream(tokens)
-        result = self.autoencoder.forward_standardized(stream.inputs)
+        result = self.autoencoder.forward_standardized(stream.inputs, stream.mask)
         output = result.output
         spliced = self.spliced_metrics(tokens, stream, self.to_transformer_space(output.recons))
         logged = dict(
@@ -306,6 +330,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
                 mask=stream.mask,
             )
         )
+        logged.update(self._selection_metrics(stream, result))
         loss = mlsae_loss(stream.inputs, result, stream.mask, self.auxk_coef)
         logged.update({"loss/total": loss.total, "loss/mse": loss.fvu, "loss/auxk": loss.auxk})
         if compare:

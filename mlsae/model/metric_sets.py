@@ -1,5 +1,6 @@
 """The metrics an `MLSAETransformer` logs, under the original's names."""
 
+from torch import Tensor
 from torchmetrics import MetricCollection
 
 from mlsae.metrics import (
@@ -19,6 +20,10 @@ from mlsae.metrics import (
     LayerwiseNeverFired,
     LayerwiseWrapper,
 )
+from mlsae.metrics.l0_spread import LayerwiseL0Std
+from mlsae.metrics.prefix_fvu import PrefixFVU
+from mlsae.model.outputs import StandardizedOutput
+from mlsae.model.variants import capped_vectors
 
 
 def reconstruction_metrics(
@@ -37,6 +42,45 @@ def reconstruction_metrics(
         },
         prefix="train/",
     )
+
+
+def selection_metrics(
+    layers: list[int], dead_threshold: float, widths: tuple[int, ...] = ()
+) -> MetricCollection:
+    """Beside `reconstruction_metrics`, for every architecture: `train/l0/std` per layer and
+    averaged (updated with `values`, `mask`); for Matryoshka (`widths`), also
+    `train/fvu/prefix_<w>` for each prefix, averaged over layers (updated with `inputs`,
+    `prefix_recons`, `mask`)."""
+    n = len(layers)
+    metrics = {
+        "l0/std": LayerwiseWrapper(
+            LayerwiseL0Std(n, dead_threshold), layers=layers, prefix="l0/std/"
+        )
+    }
+    if widths:
+        metrics["fvu/prefix"] = PrefixFVU(n, widths)
+    return MetricCollection(metrics, prefix="train/", compute_groups=False)
+
+
+def log_selection(
+    metrics: MetricCollection,
+    batchtopk: bool,
+    n_latents: int,
+    inputs: Tensor,
+    result: StandardizedOutput,
+    mask: Tensor | None,
+) -> dict[str, Tensor]:
+    """The batch values of `selection_metrics` and, for a BatchTopK selection,
+    `train/batchtopk/capped`: the share of the vectors that count that kept all their
+    candidates, with positive values (the capacity may have cut off more; docs/variants.md)."""
+    values = result.output.topk.values
+    logged = dict(
+        metrics(inputs=inputs, values=values, mask=mask, prefix_recons=result.prefix_recons)
+    )
+    if batchtopk:
+        capped, counted = capped_vectors(values, n_latents, mask)
+        logged["train/batchtopk/capped"] = capped / counted.clamp_min(1)
+    return logged
 
 
 def spliced_metrics(layers: list[int]) -> MetricCollection:

@@ -15,9 +15,7 @@ that layer's inputs (`mlsae.model.autoencoder`):
   Matryoshka MLSAE that selects the top k. A BatchTopK MLSAE (BatchTopK, or Matryoshka's
   default selection) is written as SAELens writes its own for inference
   (`process_state_dict_for_saving_inference` in SAELens' batchtopk_sae.py): `jumprelu`, with
-  its `batchtopk_threshold` (rounded down to float32) as every latent's `threshold`. The
-  MLSAE's JumpReLU looks only at its `batchtopk_capacity` largest pre-activations, so a
-  capacity below the number of latents is refused.
+  its `batchtopk_threshold` (rounded down to float32) as every latent's `threshold`.
 
 The weights are written as float32. `metadata.hook_name` says where the SAE reads: for the
 residual stream leaving block L (`resid_post`) of a `-tfm` model, the Hugging Face module
@@ -29,8 +27,8 @@ the Hugging Face model's own activations. Either name reads back through
 `mlsae.saes.load_sae` as the same layer and site.
 
 Refused (`ExportError`, one line): a model with a tuned lens (`-lens`), a layer it was not
-trained on, an architecture other than TopK, BatchTopK or Matryoshka, a BatchTopK capacity
-below the number of latents, a negative or missing threshold, an unknown site, a
+trained on, an architecture other than TopK, BatchTopK or Matryoshka, a negative or
+missing threshold, an unknown site, a
 format other than saelens, and a non-empty output folder without `overwrite`.
 """
 
@@ -168,9 +166,8 @@ def saelens_files(
 def inference_threshold(autoencoder: MLSAE) -> float | None:
     """None for an MLSAE that selects the top k at inference (TopK, and Matryoshka with
     `matryoshka_selection topk`); the JumpReLU threshold of a BatchTopK one (BatchTopK,
-    Matryoshka's default), which at inference keeps, among its `capacity` largest
-    pre-activations, those above `batchtopk_threshold` (`MLSAE._select_variant`). SAELens'
-    `jumprelu` has no candidates, so only a capacity of every latent is the same SAE."""
+    Matryoshka's default), which at inference keeps every pre-activation above
+    `batchtopk_threshold` (`MLSAE._select_variant`), as SAELens' `jumprelu` does."""
     architecture = getattr(autoencoder, "architecture", None) or "topk"
     if architecture not in ARCHITECTURES:
         raise ExportError(
@@ -186,14 +183,6 @@ def inference_threshold(autoencoder: MLSAE) -> float | None:
         return None
     if selection != "batchtopk":
         raise ExportError(f"an MLSAE selecting with {selection!r} has no SAELens equivalent")
-    capacity = getattr(variant, "capacity", autoencoder.n_latents)
-    if capacity < autoencoder.n_latents:
-        raise ExportError(
-            f"this {architecture} MLSAE keeps at most {capacity} latents per vector above its "
-            f"threshold (batchtopk_capacity, of {autoencoder.n_latents}), which SAELens' "
-            "jumprelu cannot express: only a model with batchtopk_capacity equal to its "
-            "number of latents is exported"
-        )
     threshold = getattr(autoencoder, "batchtopk_threshold", None)
     value = float(threshold) if threshold is not None else math.nan
     if not math.isfinite(value) or value < 0:

@@ -340,6 +340,7 @@ def check_run_config(config: "RunConfig") -> None:
     _require_positive("accumulate_grad_batches", trainer.accumulate_grad_batches)
     _require_positive("max_steps", trainer.max_steps, allow_none=True)
     check_site(config.site, ae.tuned_lens)
+    ae.check_architecture()
     if config.layers is not None and len(set(config.layers)) != len(config.layers):
         raise ConfigError(f"--layers must not repeat a layer, got {config.layers}")
     if data.max_tokens < data.batch_size * data.max_length:

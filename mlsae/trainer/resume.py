@@ -40,6 +40,11 @@ MODEL_OPTIONS = (
     "skip_special_tokens",
     "count_special_tokens",
     "tuned_lens",
+    "architecture",
+    "batchtopk_capacity",
+    "batchtopk_pool",
+    "matryoshka_widths",
+    "matryoshka_selection",
     "max_length",
     "batch_size",
     "accumulate_grad_batches",
@@ -47,7 +52,14 @@ MODEL_OPTIONS = (
 """Hyperparameters that make another model or another optimisation (`lr` included: a
 different learning rate is a different run), compared with the checkpoint's."""
 
-OLDER_CHECKPOINT_VALUES = {"site": "resid_post"}
+OLDER_CHECKPOINT_VALUES = {
+    "site": "resid_post",
+    "architecture": "topk",
+    "batchtopk_capacity": None,
+    "batchtopk_pool": "stack",
+    "matryoshka_widths": None,
+    "matryoshka_selection": "batchtopk",
+}
 """What checkpoints written before these options existed were trained with."""
 
 DATA_OPTIONS = (

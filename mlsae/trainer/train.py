@@ -36,11 +36,14 @@ logger = logging.getLogger(__name__)
 
 
 def run_name(config: RunConfig) -> str:
-    """`--run`, or a readable default from the model, expansion factor, k and layers."""
+    """`--run`, or a readable default from the model, expansion factor, k, architecture,
+    site and layers."""
     if config.run:
         return config.run
     ae = config.autoencoder
-    return names.run_name(config.model_name, ae.expansion_factor, ae.k, config.layers, config.site)
+    return names.run_name(
+        config.model_name, ae.expansion_factor, ae.k, config.layers, config.site, ae.architecture
+    )
 
 
 def _wandb_logged_in() -> bool:

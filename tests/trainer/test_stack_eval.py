@@ -106,7 +106,7 @@ def test_a_gpt_neox_stack_matches_the_metrics_computed_by_hand(neox, tmp_path, c
     root, saes = neox
     ours = evaluate(GPT_NEOX, [str(root / "layer_{layer}")], tmp_path)
     assert list(ours) == expected_columns([0, 1, 2, 3])
-    assert (tmp_path / "test_neox-saes0-layer_L-stack.csv").is_file()
+    assert (tmp_path / f"test_{root.name}-layer_L-stack.csv").is_file()
     assert "(train/fvu/avg)" in capsys.readouterr().out
 
     sums = {name: torch.zeros(4) for name in ("fvu", "l0", "l1", "delta")}
