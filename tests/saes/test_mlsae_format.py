@@ -299,3 +299,32 @@ def test_a_config_of_another_kind_given_as_mlsae(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"d_in": 3}))
     with pytest.raises(SAEFileError, match=r"config\.json describes no MLSAE"):
         load_sae(tmp_path, format="mlsae")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"architecture": "batchtopk", "batchtopk_capacity": 4},
+        {"architecture": "matryoshka", "matryoshka_widths": [8, 16]},
+    ],
+)
+@torch.no_grad()
+def test_a_batchtopk_mlsae_encodes_with_its_threshold(tmp_path, options):
+    """At inference a BatchTopK selection is JumpReLU at the learnt threshold: every latent
+    above it, however many (here more than the capacity of 4 candidates)."""
+    torch.manual_seed(0)
+    model = MLSAE(8, 32, 2, auxk=None, **options)
+    model.batchtopk_threshold.fill_(0.1)
+    model.save_pretrained(tmp_path / "model")
+    sae = load_sae(tmp_path / "model")
+    x = torch.randn(5, 8)
+    mean = x.mean(-1, keepdim=True)
+    std = (x - mean).std(-1, keepdim=True)
+    pre = ((x - mean) / (std + 1e-5) - model.pre_encoder_bias) @ model.encoder.weight.T
+    expected = torch.where(pre.double() > 0.1, pre, 0.0)
+    torch.testing.assert_close(sae.encode(x), expected)
+    assert (sae.encode(x) > 0).sum(-1).max() > 4
+    recons = (expected @ model.decoder.weight.T + model.pre_encoder_bias) * std + mean
+    torch.testing.assert_close(sae(x), recons, rtol=1e-5, atol=1e-5)
+    sparse = sae.encode_sparse(x)
+    torch.testing.assert_close(sparse.to_dense(), expected)

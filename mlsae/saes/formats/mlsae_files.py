@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from mlsae.cli import ConfigError
 from mlsae.files import CheckpointError, load_as_data
 from mlsae.model.autoencoder import MLSAE
 from mlsae.model.hparams import MLSAEHyperparameters
@@ -161,8 +162,13 @@ def build_autoencoder(file: Path, hparams: dict[str, Any], n_inputs: int) -> MLS
             hparams["auxk"],
             hparams["standardize"],
             dead_tokens_threshold=hparams["dead_tokens_threshold"],
+            architecture=hparams["architecture"],
+            batchtopk_capacity=hparams["batchtopk_capacity"],
+            batchtopk_pool=hparams["batchtopk_pool"],
+            matryoshka_widths=hparams["matryoshka_widths"],
+            matryoshka_selection=hparams["matryoshka_selection"],
         )
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, ConfigError) as error:
         raise SAEFileError(f"{file}: {error}") from None
 
 
