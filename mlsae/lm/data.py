@@ -209,10 +209,15 @@ class TokenBlocks(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         self._reset_counters()
         shard, n_shards = _shard()
+        mine = None
         for index, batch in enumerate(self._batches()):
             self.next_block += len(batch)
             if index % n_shards == shard:
-                yield {"input_ids": batch.clone()}
+                mine = batch.clone()
+            if index % n_shards == n_shards - 1:
+                # Only whole rounds: every reader yields as many batches, so no rank of a
+                # distributed run waits for a step the others never take.
+                yield {"input_ids": mine}
         logger.info(
             "read %d documents of %r: %d tokens, %d blocks of %d (yielded up to block %d); "
             "dropped %d tokens, the last block of each group of %d documents",
@@ -244,7 +249,8 @@ def _shard() -> tuple[int, int]:
 
     Under torch.distributed, rank r of R keeps batches r, r + R, ...; each rank's
     workers split its share the same way, so the batches of one optimizer step over
-    all ranks are consecutive batches of the stream.
+    all ranks are consecutive batches of the stream. A last round that is not whole is
+    dropped.
     """
     rank, world_size = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
