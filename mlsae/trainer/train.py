@@ -4,6 +4,7 @@ import logging
 import math
 import netrc
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from mlsae.trainer.faults import (
 from mlsae.trainer.quiet import quiet_lightning
 from mlsae.trainer.resume import RecordRun, check_resume
 from mlsae.trainer.summary import print_summary
+from mlsae.trainer.sweep_options import is_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -88,19 +90,18 @@ def make_trainer(
     run_dir: Path,
     callbacks: list[Any],
     resumed_epoch: int,
+    **overrides: Any,
 ) -> Trainer:
+    """Lightning's trainer for `config` (`overrides`: other `Trainer` arguments)."""
     quiet_lightning()
     trainer_config, data = config.trainer, config.data
-    max_steps = trainer_config.max_steps or max(
-        1, math.ceil(data.max_steps / trainer_config.accumulate_grad_batches)
-    )
     checkpoints = RunCheckpoints(
         dirpath=run_dir / "checkpoints",
         every_n_train_steps=trainer_config.checkpoint_every_n_steps,
         save_last=True,
         save_top_k=1,
     )
-    return Trainer(
+    trainer = Trainer(
         accelerator=trainer_config.accelerator,
         devices=trainer_config.devices,
         strategy=trainer_config.strategy,
@@ -109,7 +110,7 @@ def make_trainer(
         logger=make_logger(config, name, run_dir),
         callbacks=[checkpoints, *callbacks],
         plugins=[AtomicCheckpointIO()],
-        max_steps=max_steps,
+        max_steps=trainer_config.max_steps or -1,
         # The stream is read once (a resumed run continues it), so no text is trained on
         # twice. Its epoch may end before max_steps; the extra epoch yields nothing, and
         # lets a run resumed from the last batch of an epoch continue into the next.
@@ -122,7 +123,14 @@ def make_trainer(
         num_sanity_val_steps=0,
         default_root_dir=str(run_dir),
         enable_model_summary=False,
+        **overrides,
     )
+    if not trainer_config.max_steps:
+        # Each process reads every world_size-th micro-batch of the stream.
+        per_process = data.max_steps // trainer.world_size
+        accumulate = trainer_config.accumulate_grad_batches
+        trainer.fit_loop.epoch_loop.max_steps = max(1, math.ceil(per_process / accumulate))
+    return trainer
 
 
 def _stopped(checkpoint: Path, step: int, before: str) -> TrainingInterrupted:
@@ -196,6 +204,15 @@ def _train(config: RunConfig, run_dir: Path, extra_callbacks: list[Any] | None) 
     if sigterm.interrupted:
         raise _stopped(sigterm.checkpoint_path, trainer.global_step, "after")
 
+    save_trained(trainer, model, val_loader, output_dir)
+    return output_dir
+
+
+def save_trained(
+    trainer: Trainer, model: MLSAETransformer, val_loader: Any, output_dir: Path
+) -> None:
+    """The final validation, then the model saved with `save_pretrained` to `output_dir`;
+    `TrainingInterrupted` after saving it when SIGTERM came meanwhile."""
     with DeferredSigterm() as deferred:
         try:
             final = trainer.validate(model, val_loader, verbose=False)
@@ -215,11 +232,18 @@ def _train(config: RunConfig, run_dir: Path, extra_callbacks: list[Any] | None) 
             f"final validation: saved the trained model to {output_dir}, without its held-out "
             f"metrics (`python test.py --repo_id {output_dir}` computes them)"
         )
-    return output_dir
 
 
 def main(args: list[str] | None = None) -> Path:
     """`python train.py`: parse the command line, train, name the saved model last."""
+    args = sys.argv[1:] if args is None else list(args)
+    if is_sweep(args):
+        from mlsae.trainer.sweep import train_sweep
+
+        output_dirs = train_sweep(args)
+        for saved in output_dirs:
+            print(f"Saved the trained model to {saved}")
+        return output_dirs[-1]
     config = parse(RunConfig, args)
     output_dir = train(config)
     print(f"Saved the trained model to {output_dir}")
