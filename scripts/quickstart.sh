@@ -5,22 +5,31 @@
 # layers and draw them.
 #
 #   bash scripts/quickstart.sh [--no-install] [--tokens N] [--out DIR]
+#                              [--architecture topk|batchtopk|matryoshka] [-- TRAIN_ARGS...]
 #
-# --no-install   use the Python environment as it is
-# --tokens N     training tokens (default 131072: 128 optimizer steps of 1,024 tokens)
-# --out DIR      where every output goes (default out)
+# --no-install     use the Python environment as it is
+# --tokens N       training tokens (default 131072: 128 optimizer steps of 1,024 tokens)
+# --out DIR        where every output goes (default out)
+# --architecture A the SAE's architecture (default topk; docs/variants.md)
+# -- TRAIN_ARGS    everything after -- goes to train.py as it is, e.g.
+#                  -- --matryoshka_widths 128 512
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 install=1
 tokens=131072
 out=out
+architecture=topk
+train_args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --no-install) install=0; shift ;;
         --tokens) tokens="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
-        *) echo "error: unknown option $1 (use --no-install, --tokens N or --out DIR)" >&2; exit 2 ;;
+        --architecture) architecture="$2"; shift 2 ;;
+        --) shift; train_args=("$@"); break ;;
+        *) echo "error: unknown option $1 (use --no-install, --tokens N, --out DIR," \
+               "--architecture A or -- TRAIN_ARGS)" >&2; exit 2 ;;
     esac
 done
 eval_tokens=$(( tokens < 16384 ? tokens : 16384 ))
@@ -40,11 +49,12 @@ fi
 export HF_HUB_OFFLINE=1
 data=(--path quickstart/data --max_length 128 --batch_size 8)
 
-echo "== Training an MLSAE on quickstart/model ($tokens tokens)"
+echo "== Training a $architecture MLSAE on quickstart/model ($tokens tokens)"
 "$python" train.py --model_name quickstart/model "${data[@]}" --val_path quickstart/data \
     --accumulate_grad_batches 1 --max_tokens "$tokens" --expansion_factor 16 -k 16 \
     --auxk 64 --lr 1e-3 --dead_tokens_threshold 100000 --val_check_interval 64 \
-    --limit_val_batches 8 --logger csv --run quickstart --run_dir "$out/runs"
+    --limit_val_batches 8 --logger csv --run quickstart --run_dir "$out/runs" \
+    --architecture "$architecture" ${train_args[@]+"${train_args[@]}"}
 
 echo "== Evaluating it on the test split"
 "$python" test.py --repo_id "$model" "${data[@]}" --split test --max_tokens "$eval_tokens" \

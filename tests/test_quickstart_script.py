@@ -39,3 +39,20 @@ def test_quickstart_script_refuses_an_unknown_option():
         ["bash", "scripts/quickstart.sh", "--tokenz", "5"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 2 and result.stderr.startswith("error: unknown option --tokenz")
+
+
+def test_quickstart_script_passes_the_architecture_and_train_args(tmp_path: Path):
+    """`--architecture` and everything after `--` reach train.py (a stand-in Python
+    records its arguments; nothing runs)."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    command = ["bash", "scripts/quickstart.sh", "--no-install", "--out", str(tmp_path / "out")]
+    command += ["--architecture", "matryoshka", "--", "--matryoshka_widths", "128", "512"]
+    env = {**os.environ, "PYTHON": str(fake)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    train = next(line for line in calls.read_text().splitlines() if line.startswith("train.py"))
+    assert train.endswith("--architecture matryoshka --matryoshka_widths 128 512")
+    assert "Training a matryoshka MLSAE" in result.stdout
