@@ -1,6 +1,8 @@
 """What splicing a reconstruction into the model costs, one layer at a time, and what
 ablating each layer costs, the baselines of the loss recovered."""
 
+from collections.abc import Sequence
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -10,7 +12,6 @@ from mlsae.lm.transformer import Transformer
 from mlsae.metrics.spliced import count_predictions, logit_kldiv, logit_mse, next_token_loss
 
 
-@torch.no_grad()
 def spliced_metrics(
     transformer: Transformer,
     tokens: Int[Tensor, "batch pos"],
@@ -27,15 +28,29 @@ def spliced_metrics(
     one the autoencoder saw; otherwise it is the model's own, and the reconstruction
     replaces it only at the positions that count.
     """
+    return spliced_metrics_each(transformer, tokens, stream, [recons])[0]
+
+
+@torch.no_grad()
+def spliced_metrics_each(
+    transformer: Transformer,
+    tokens: Int[Tensor, "batch pos"],
+    stream: ResidualStream,
+    recons: Sequence[Float[Tensor, "layer batch pos d_model"]],
+) -> list[dict[str, Float[Tensor, " layer"]]]:
+    """`spliced_metrics` of each reconstruction of the same `stream` (of several
+    autoencoders): the true logits, which depend only on the stream, are computed once for
+    all of them, and each reconstruction's values are the ones it gets alone."""
     tokens = tokens.to(transformer.device)
     mask = stream.mask
-    true_stack, pred_stack, clean_logits = stream.zeroed(), recons, None
+    true_stack, pred_stacks, clean_logits = stream.zeroed(), list(recons), None
     if mask is not None:
-        pred_stack = torch.where(mask[None, :, :, None], recons, stream.raw)
+        pred_stacks = [torch.where(mask[None, :, :, None], each, stream.raw) for each in recons]
     if mask is not None or stream.special is None:
         # Splicing the unmodified stream gives the model's own logits at every layer.
         clean_logits = transformer.model(input_ids=tokens, use_cache=False).logits
-    values: dict[str, list[Tensor]] = {k: [] for k in ("loss_true", "loss_pred", "mse", "kl")}
+    names = ("loss_true", "loss_pred", "mse", "kl")
+    values: list[dict[str, list[Tensor]]] = [{k: [] for k in names} for _ in pred_stacks]
     n_counted = stream.n_counted().to(tokens.device)
     for position in range(transformer.n_layers):
         if clean_logits is None:
@@ -44,14 +59,21 @@ def spliced_metrics(
             )
         else:
             logits_true = clean_logits
-        logits_pred = transformer.forward_at_layer(pred_stack, position, "logits", tokens=tokens)
-        values["loss_true"].append(next_token_loss(logits_true, tokens, mask))
-        values["loss_pred"].append(next_token_loss(logits_pred, tokens, mask))
-        values["mse"].append(logit_mse(logits_true, logits_pred, mask))
-        values["kl"].append(logit_kldiv(logits_true, logits_pred, mask))
-    result = {key: torch.stack(value) for key, value in values.items()}
-    result["kl_per_token"] = result["kl"] * tokens.shape[0] / n_counted.clamp(min=1)
-    return result
+        loss_true = next_token_loss(logits_true, tokens, mask)
+        for pred_stack, each in zip(pred_stacks, values, strict=True):
+            logits_pred = transformer.forward_at_layer(
+                pred_stack, position, "logits", tokens=tokens
+            )
+            each["loss_true"].append(loss_true)
+            each["loss_pred"].append(next_token_loss(logits_pred, tokens, mask))
+            each["mse"].append(logit_mse(logits_true, logits_pred, mask))
+            each["kl"].append(logit_kldiv(logits_true, logits_pred, mask))
+    results = []
+    for each in values:
+        result = {key: torch.stack(value) for key, value in each.items()}
+        result["kl_per_token"] = result["kl"] * tokens.shape[0] / n_counted.clamp(min=1)
+        results.append(result)
+    return results
 
 
 @torch.no_grad()

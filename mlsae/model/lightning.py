@@ -23,6 +23,7 @@ from mlsae.lm.stream import ResidualStream, read_residual_stream
 from mlsae.lm.transformer import Transformer
 from mlsae.model.autoencoder import MLSAE, AutoencoderOutput
 from mlsae.model.card import mlsae_transformer_card
+from mlsae.model.evaluation import evaluation_metrics
 from mlsae.model.firing import StepFiring, StepMinimum
 from mlsae.model.geom_median import geometric_median
 from mlsae.model.hparams import MLSAEHyperparameters, check_site
@@ -309,42 +310,11 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         tokens = batch["input_ids"]
         stream = self.residual_stream(tokens)
         result = self.autoencoder.forward_standardized(stream.inputs, stream.mask)
-        output = result.output
-        spliced = self.spliced_metrics(tokens, stream, self.to_transformer_space(output.recons))
-        logged = dict(
-            self.val_metrics(
-                loss_true=spliced["loss_true"],
-                loss_pred=spliced["loss_pred"],
-                logit_mse=spliced["mse"],
-                logit_kldiv=spliced["kl"],
-                logit_kldiv_per_token=spliced["kl_per_token"],
-            )
-        )
-        # The reconstruction error is measured in the autoencoder's space.
-        logged.update(
-            self.train_metrics(
-                inputs=stream.inputs,
-                recons=output.recons,
-                values=output.topk.values,
-                indices=output.topk.indices,
-                mask=stream.mask,
-            )
-        )
-        logged.update(self._selection_metrics(stream, result))
-        loss = mlsae_loss(stream.inputs, result, stream.mask, self.auxk_coef)
-        logged.update({"loss/total": loss.total, "loss/mse": loss.fvu, "loss/auxk": loss.auxk})
-        if compare:
-            self.comparison_metrics.update(
-                inputs=stream.inputs,
-                recons=output.recons,
-                values=output.topk.values,
-                indices=output.topk.indices,
-                mask=stream.mask,
-                loss_true=spliced["loss_true"],
-                loss_pred=spliced["loss_pred"],
-                **ablated_losses(self.transformer, tokens, stream),
-            )
-        return logged
+        recons = self.to_transformer_space(result.output.recons)
+        spliced = self.spliced_metrics(tokens, stream, recons)
+        # Test only: the ablations cost two forward passes per layer.
+        ablated = ablated_losses(self.transformer, tokens, stream) if compare else None
+        return evaluation_metrics(self, stream, result, spliced, ablated)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         # Held-out values of the training metrics go under val/ too (val/fvu/avg, ...).
@@ -352,7 +322,6 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
         self.log_dict(logged, batch_size=batch["input_ids"].shape[0])
 
     def on_test_epoch_start(self) -> None:
-        # Test only: the ablations cost two forward passes per layer.
         self.comparison_metrics = comparison_metrics(self.layers, self.n_inputs, self.n_latents)
         self.comparison_metrics.to(self.device)
 

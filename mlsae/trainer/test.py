@@ -4,6 +4,7 @@ write one CSV of metrics per model."""
 import csv
 import math
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import Trainer
 
@@ -19,6 +20,12 @@ from mlsae.trainer.config import (
     default_precision,
 )
 from mlsae.trainer.quiet import quiet_lightning
+from mlsae.trainer.shared_test import (
+    GroupEvaluation,
+    candidate_key,
+    group_models,
+    split_metrics,
+)
 from mlsae.trainer.stack_eval import evaluate_stack
 from mlsae.trainer.summary import print_summary
 
@@ -53,25 +60,62 @@ def _column_key(name: str) -> tuple[int, str, int]:
 
 def test_one(config: TestConfig, repo_id: str) -> Path:
     """Evaluate one pretrained model and write its CSV; returns the CSV's path."""
-    data = config.data
-    require_local_data(data.path)
-    options = {"count_special_tokens": config.count_special_tokens}
-    if config.language_model() is not None:
-        options["model_name"] = config.language_model()
-    model = MLSAETransformer.from_pretrained(repo_id, **options)
-    model.requires_grad_(False)
-    loader = held_out_stream(data, load_tokenizer(model.transformer.tokenizer))
+    require_local_data(config.data.path)
+    (metrics,) = _evaluate(config, [_load(config, repo_id)])
+    return _write(config, repo_id, metrics)
+
+
+def test_many(config: TestConfig, repo_ids: list[str]) -> list[Path]:
+    """Evaluate several pretrained models, each as `test_one` would, those that read the same
+    activations together (`mlsae.trainer.shared_test`); returns the CSVs' paths in order."""
+    require_local_data(config.data.path)
+    candidates: dict[object, list[int]] = {}
+    for index, repo_id in enumerate(repo_ids):
+        key = candidate_key(repo_id)
+        candidates.setdefault(index if key is None else key, []).append(index)
+    written: dict[int, Path] = {}
+    for indices in candidates.values():
+        if len(indices) == 1:
+            written[indices[0]] = test_one(config, repo_ids[indices[0]])
+            continue
+        models = [_load(config, repo_ids[index]) for index in indices]
+        for group in group_models(models):
+            metrics = _evaluate(config, [models[member] for member in group])
+            for member, each in zip(group, metrics, strict=True):
+                written[indices[member]] = _write(config, repo_ids[indices[member]], each)
+        del models
+    return [written[index] for index in range(len(repo_ids))]
+
+
+def _evaluate(config: TestConfig, models: list[MLSAETransformer]) -> list[dict[str, Any]]:
+    """The metrics of each of `models`, which share one transformer: one model alone, as
+    ever; several in one `GroupEvaluation`."""
+    loader = held_out_stream(config.data, load_tokenizer(models[0].transformer.tokenizer))
+    module = models[0] if len(models) == 1 else GroupEvaluation(models)
     quiet_lightning()
     trainer = Trainer(
         accelerator=config.accelerator,
         devices=1,
         precision=config.precision or default_precision(),
-        limit_test_batches=data.max_steps if math.isfinite(data.max_tokens) else 1.0,
+        limit_test_batches=config.data.max_steps if math.isfinite(config.data.max_tokens) else 1.0,
         logger=False,
         deterministic=True,
         enable_model_summary=False,
     )
-    (metrics,) = trainer.test(model, loader, verbose=False)
+    (metrics,) = trainer.test(module, loader, verbose=False)
+    return [metrics] if len(models) == 1 else split_metrics(metrics, len(models))
+
+
+def _load(config: TestConfig, repo_id: str) -> MLSAETransformer:
+    options = {"count_special_tokens": config.count_special_tokens}
+    if config.language_model() is not None:
+        options["model_name"] = config.language_model()
+    model = MLSAETransformer.from_pretrained(repo_id, **options)
+    model.requires_grad_(False)
+    return model
+
+
+def _write(config: TestConfig, repo_id: str, metrics: dict) -> Path:
     output = Path(config.output_dir) / csv_name(repo_id)
     write_row(output, metrics)
     print_summary(f"{repo_id}: {output}", metrics)
@@ -111,7 +155,10 @@ def test(config: TestConfig | RunConfig) -> list[Path]:
     initialize(config.seed)
     if config.sae:
         return [test_stack(config)]
-    return [test_one(config, repo_id) for repo_id in config.repo_ids()]
+    repo_ids = list(config.repo_ids())
+    if len(repo_ids) == 1:
+        return [test_one(config, repo_ids[0])]
+    return test_many(config, repo_ids)
 
 
 def main(args: list[str] | None = None) -> list[Path]:
