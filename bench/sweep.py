@@ -13,21 +13,30 @@ and its target, (N LM forwards + N SAE steps) / (1 LM forward + N SAE steps), wh
 step is a separate run's time less the LM forwards.
 
     python bench/sweep.py [--threads 2] [--steps 4] [--max_length 256] [--repeats 2]
+        [--no_checkpoints]
+
+Every run writes its checkpoints at the end of training (with the transformer's weights),
+and a sweep also writes its own step checkpoint of every SAE (docs/sweeps.md). The timed
+span ends at the last `on_train_end`, so it holds the sweep's writes of the SAEs that
+finished before the last one but not a separate run's final write: compare with
+`--no_checkpoints`, which times the training steps alone.
 """
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from lightning.pytorch import Callback  # noqa: E402
+from lightning.pytorch import Callback, Trainer  # noqa: E402
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
 from bench.common import machine_note  # noqa: E402
@@ -95,17 +104,33 @@ def time_lm(model: Path, args: argparse.Namespace, micro_batches: int) -> float:
     return time.perf_counter() - start
 
 
-def run_sweep(argv: list[str]) -> float:
+@contextlib.contextmanager
+def checkpoints_skipped(skip: bool) -> Iterator[None]:
+    """With `skip`, `Trainer.save_checkpoint` writes nothing (`--no_checkpoints`)."""
+    if not skip:
+        yield
+        return
+    original = Trainer.save_checkpoint
+    Trainer.save_checkpoint = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        Trainer.save_checkpoint = original
+
+
+def run_sweep(argv: list[str], skip_checkpoints: bool = False) -> float:
     span = Span()
-    train_sweep(argv, lambda index, name: [span])
+    with checkpoints_skipped(skip_checkpoints):
+        train_sweep(argv, lambda index, name: [span])
     return span.seconds
 
 
-def run_separately(argv: list[str]) -> float:
+def run_separately(argv: list[str], skip_checkpoints: bool = False) -> float:
     total = 0.0
     for member in sweep_members(argv)[0]:
         span = Span()
-        train(parse(RunConfig, member.args), [span])
+        with checkpoints_skipped(skip_checkpoints):
+            train(parse(RunConfig, member.args), [span])
         total += span.seconds
     return total
 
@@ -118,6 +143,11 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sizes", type=int, nargs="+", default=[3, 9])
+    parser.add_argument(
+        "--no_checkpoints",
+        action="store_true",
+        help="time the training steps without the checkpoint writes at the end of training",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -134,7 +164,7 @@ def main() -> None:
                     argv = base_args(args, model, run_dir) + ["--expansion_factor", *factors]
                     argv += ["-k", *ks]
                     run = run_sweep if kind == "sweep" else run_separately
-                    times[kind].append(run(argv))
+                    times[kind].append(run(argv, args.no_checkpoints))
                     shutil.rmtree(run_dir, ignore_errors=True)
             sweep, separate = (statistics.median(times[k]) for k in ("sweep", "separate"))
             tokens = args.steps * args.batch_size * args.max_length * size
