@@ -3,6 +3,7 @@
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,37 @@ class RunCheckpoints(ModelCheckpoint):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(enable_version_counter=False, **kwargs)
+        self.written_at: Callable[[int], Path] | None = None
+        """Where a checkpoint of the current step may already have been written (a
+        sweep's step checkpoint of this SAE): if it exists, it is linked, not written
+        again."""
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("dirpath", self.dirpath) != self.dirpath:
             return
         super().load_state_dict(state_dict)
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        written = None if self.written_at is None else self.written_at(trainer.global_step)
+        if written is None or not written.is_file() or not _hard_link(written, Path(filepath)):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+
+
+def _hard_link(source: Path, target: Path) -> bool:
+    """`target` made another name of `source` (replacing it at once), or False where the
+    file system cannot link."""
+    temporary = target.with_name(f".{target.name}.link")
+    try:
+        temporary.unlink(missing_ok=True)
+        os.link(source, temporary)
+        os.replace(temporary, target)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        return False
+    return True
 
 
 class CheckpointOnSigterm(Callback):

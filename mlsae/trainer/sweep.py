@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,12 @@ from mlsae.model.checkpoint import read_checkpoint
 from mlsae.model.sweep import SharedResidualStream, SweepMember
 from mlsae.trainer.callbacks import TokensPerSecondBar
 from mlsae.trainer.config import check_run_config
-from mlsae.trainer.faults import TrainingInterrupted, prune_orphan_checkpoints, remove_empty_folders
+from mlsae.trainer.faults import (
+    RunCheckpoints,
+    TrainingInterrupted,
+    prune_orphan_checkpoints,
+    remove_empty_folders,
+)
 from mlsae.trainer.resume import RecordRun, check_resume
 from mlsae.trainer.sweep_checkpoints import SweepCheckpoints, committed_checkpoints
 from mlsae.trainer.sweep_options import SweepMemberOptions, sweep_dir, sweep_members
@@ -159,6 +165,10 @@ def _train_sweep(
         trainer = make_trainer(
             config, member.name, run_dir, callbacks, epoch, enable_progress_bar=index == 0
         )
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, RunCheckpoints):
+                # The run's checkpoint of a step the sweep saved is the same file, linked.
+                callback.written_at = partial(sweep.checkpoints.path, name=member.name)
         if checkpoint is not None:
             check_resume(ckpt, checkpoint, model_options(config), config, trainer.world_size)
             last = run_dir / "checkpoints" / "last.ckpt"

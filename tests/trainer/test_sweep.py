@@ -95,6 +95,11 @@ def test_a_sweep_equals_separate_runs_bit_for_bit(swept, separate):
     marker = json.loads((swept / "run" / "checkpoints" / "committed.json").read_text())
     assert marker == {"step": STEPS, "runs": NAMES}
     assert [p.name for p in (swept / "run" / "checkpoints").glob("step=*")] == [f"step={STEPS}"]
+    for name in NAMES:
+        # The run's checkpoint of the committed step is the sweep's file, not a second write.
+        committed = swept / "run" / "checkpoints" / f"step={STEPS}" / f"{name}.ckpt"
+        last = swept / name / "checkpoints" / "last.ckpt"
+        assert committed.stat().st_ino == last.stat().st_ino
 
 
 def test_names_and_lists():
