@@ -18,8 +18,9 @@ step is a separate run's time less the LM forwards.
 Every run writes its checkpoints at the end of training (with the transformer's weights),
 and a sweep also writes its own step checkpoint of every SAE (docs/sweeps.md). The timed
 span ends at the last `on_train_end`, so it holds the sweep's writes of the SAEs that
-finished before the last one but not a separate run's final write: compare with
-`--no_checkpoints`, which times the training steps alone.
+finished before the last one but not a separate run's final write: compare it with
+`--no_checkpoints`, which times the training steps alone, or compare the whole commands
+(`whole_command_s`: loading, training, checkpoints, final validation and saving).
 """
 
 import argparse
@@ -118,21 +119,26 @@ def checkpoints_skipped(skip: bool) -> Iterator[None]:
         Trainer.save_checkpoint = original
 
 
-def run_sweep(argv: list[str], skip_checkpoints: bool = False) -> float:
+def run_sweep(argv: list[str], skip_checkpoints: bool = False) -> tuple[float, float]:
+    """Seconds of the training steps and of the whole command."""
     span = Span()
+    start = time.perf_counter()
     with checkpoints_skipped(skip_checkpoints):
         train_sweep(argv, lambda index, name: [span])
-    return span.seconds
+    return span.seconds, time.perf_counter() - start
 
 
-def run_separately(argv: list[str], skip_checkpoints: bool = False) -> float:
-    total = 0.0
+def run_separately(argv: list[str], skip_checkpoints: bool = False) -> tuple[float, float]:
+    """Seconds of the training steps and of the whole commands, summed over the runs."""
+    steps = whole = 0.0
     for member in sweep_members(argv)[0]:
         span = Span()
+        start = time.perf_counter()
         with checkpoints_skipped(skip_checkpoints):
             train(parse(RunConfig, member.args), [span])
-        total += span.seconds
-    return total
+        whole += time.perf_counter() - start
+        steps += span.seconds
+    return steps, whole
 
 
 def main() -> None:
@@ -157,6 +163,7 @@ def main() -> None:
         for size in args.sizes:
             factors, ks = SIZES[size]
             times: dict[str, list[float]] = {"sweep": [], "separate": []}
+            wholes: dict[str, list[float]] = {"sweep": [], "separate": []}
             for repeat in range(args.repeats):
                 order = ("sweep", "separate") if repeat % 2 == 0 else ("separate", "sweep")
                 for kind in order:
@@ -164,10 +171,13 @@ def main() -> None:
                     argv = base_args(args, model, run_dir) + ["--expansion_factor", *factors]
                     argv += ["-k", *ks]
                     run = run_sweep if kind == "sweep" else run_separately
-                    times[kind].append(run(argv, args.no_checkpoints))
+                    steps, whole = run(argv, args.no_checkpoints)
+                    times[kind].append(steps)
+                    wholes[kind].append(whole)
                     shutil.rmtree(run_dir, ignore_errors=True)
             sweep, separate = (statistics.median(times[k]) for k in ("sweep", "separate"))
             tokens = args.steps * args.batch_size * args.max_length * size
+            whole = {kind: round(statistics.median(v), 3) for kind, v in wholes.items()}
             rows.append(
                 {
                     "saes": size,
@@ -177,6 +187,8 @@ def main() -> None:
                     "tokens_per_s_per_sae_sweep": round(tokens / sweep),
                     "tokens_per_s_per_sae_separate": round(tokens / separate),
                     "speedup": round(separate / sweep, 2),
+                    "whole_command_s": whole,
+                    "whole_command_speedup": round(whole["separate"] / whole["sweep"], 2),
                     "target_speedup": round(separate / (separate - (size - 1) * lm), 2),
                     "samples": times,
                 }
