@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from mlsae.lm.fingerprint import hash_sample
+
 logger = logging.getLogger(__name__)
 
 _METADATA_PREFIX = "mlsae."
@@ -77,37 +79,21 @@ def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
     digest.update(flat.view(torch.uint8).numpy().data)
 
 
-SAMPLE_BYTES = 4096
-"""Bytes taken from each end of every transformer parameter for the identity."""
-
-
-def _hash_sample(digest: Any, name: str, tensor: torch.Tensor) -> None:
-    header = {"name": name, "dtype": str(tensor.dtype), "shape": list(tensor.shape)}
-    digest.update(json.dumps(header).encode())
-    flat = tensor.detach().reshape(-1)
-    per_end = max(1, SAMPLE_BYTES // tensor.element_size())
-    if flat.numel() > 2 * per_end:
-        flat = torch.cat([flat[:per_end], flat[-per_end:]])
-    digest.update(flat.contiguous().cpu().view(torch.uint8).numpy().data)
-
-
 def model_identity(model: Any) -> str:
     """A SHA-256 (hex) that tells `MLSAETransformer`s apart by what their latents are.
 
     An analysis records latents, and those follow from the transformer's residual stream
     at `layers`, the autoencoder's weights and `k`, and the tuned lens, if any. So the
     identity hashes the autoencoder's and the lens's parameters (names, dtypes, shapes
-    and bytes), `k` and the layers, and a sample of the transformer's weights: the first
-    and last `SAMPLE_BYTES` of each of its parameters, which tells apart any two
-    checkpoints in practice (a fine-tuned model differs in every tensor) at a cost that
-    does not grow with the model, and does not depend on the folder or hub id the
-    transformer was loaded from. Buffers (such as the dead-latent counters) change no
+    and bytes), `k` and the layers, and a sample of the transformer's weights
+    (`mlsae.lm.fingerprint.hash_sample`), which does not depend on the folder or hub id
+    the transformer was loaded from. Buffers (such as the dead-latent counters) change no
     latent and are left out, so a model keeps its identity however often it is saved.
     """
     digest = hashlib.sha256()
     digest.update(json.dumps({"layers": list(model.layers), "k": model.k}).encode())
     for name, parameter in sorted(model.transformer.model.named_parameters()):
-        _hash_sample(digest, f"transformer.{name}", parameter)
+        hash_sample(digest, f"transformer.{name}", parameter)
     modules = {"autoencoder": model.autoencoder, "lens": getattr(model, "lens", None)}
     for prefix, module in modules.items():
         if module is None:
@@ -143,7 +129,7 @@ def stack_identity(stack: Any, transformer: Any) -> str:
         for name, parameter in sorted(sae.named_parameters()):
             _hash_tensor(digest, f"sae.{position}.{name}", parameter)
     for name, parameter in sorted(transformer.named_parameters()):
-        _hash_sample(digest, f"transformer.{name}", parameter)
+        hash_sample(digest, f"transformer.{name}", parameter)
     return digest.hexdigest()
 
 

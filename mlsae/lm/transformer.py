@@ -34,6 +34,7 @@ from mlsae.lm.architecture import (
     text_config,
     validate_layers,
 )
+from mlsae.lm.fingerprint import weights_fingerprint
 from mlsae.lm.sites import (
     Replacement,
     StopForward,
@@ -107,12 +108,16 @@ class Transformer(nn.Module):
         self.skip_special_tokens = skip_special_tokens
         self.skip_blocks_before_splice = skip_blocks_before_splice
 
+        has_weights = model is not None or load_weights
         if model is None:
             model = build_model(model_name, load_weights, dtype, attn_implementation)
             model.to(device)
         self.model: PreTrainedModel = model
         self.model.eval()
         self.model.requires_grad_(False)
+        self.fingerprint = weights_fingerprint(model) if has_weights else None
+        """`weights_fingerprint` of the weights as loaded (None when built without them),
+        which checkpoints record instead of a copy of the frozen weights."""
         self.tokenizer: PreTrainedTokenizerBase = (
             tokenizer if tokenizer is not None else load_pretrained_tokenizer(model_name)
         )

@@ -33,8 +33,11 @@ from mlsae.model.resolve import check_kind, portable_path
 
 logger = logging.getLogger(__name__)
 
-# True while a module is built to receive a checkpoint's weights.
-_WEIGHTS_FROM_CHECKPOINT = contextvars.ContextVar("weights_from_checkpoint", default=False)
+# While a module is built to receive a checkpoint's weights: "all" of them, or "trainable"
+# ones only (a checkpoint that records frozen weights by fingerprint); None otherwise.
+_WEIGHTS_FROM_CHECKPOINT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "weights_from_checkpoint", default=None
+)
 
 
 def _format_keys(keys: list[str], limit: int = 12) -> str:
@@ -272,11 +275,22 @@ class StrictHubMixin(PyTorchModelHubMixin):
         """True while a module is built to receive a checkpoint's weights (by
         `from_pretrained` or `load_lightning_checkpoint`): a constructor that would
         otherwise load or initialise weights of its own may skip that."""
-        return _WEIGHTS_FROM_CHECKPOINT.get()
+        return _WEIGHTS_FROM_CHECKPOINT.get() is not None
+
+    @staticmethod
+    def frozen_weights_from_checkpoint() -> bool:
+        """Like `weights_from_checkpoint`, for the frozen weights: False where the
+        checkpoint records them by fingerprint only, so that the module loads its own."""
+        return _WEIGHTS_FROM_CHECKPOINT.get() == "all"
 
     @classmethod
-    def _build_for_checkpoint(cls, **kwargs: Any):
-        token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+    def frozen_weights_left_out(cls, checkpoint: dict[str, Any]) -> bool:
+        """Whether a Lightning checkpoint of this module leaves its frozen weights out."""
+        return False
+
+    @classmethod
+    def _build_for_checkpoint(cls, frozen_included: bool = True, **kwargs: Any):
+        token = _WEIGHTS_FROM_CHECKPOINT.set("all" if frozen_included else "trainable")
         try:
             return cls(**kwargs)
         finally:
@@ -285,14 +299,20 @@ class StrictHubMixin(PyTorchModelHubMixin):
     @classmethod
     def load_lightning_checkpoint(cls, ckpt_path: str | Path, map_location: str = "cpu"):
         """A module from a Lightning checkpoint of it (its `hyper_parameters` and
-        `state_dict`), read as data and loaded strictly; `on_load_checkpoint` is called
-        where the module has one."""
+        `state_dict`), read as data and loaded strictly after the module's
+        `on_load_checkpoint` (where it has one) has seen it, as Lightning orders them."""
         checkpoint = read_checkpoint(ckpt_path, map_location)
         hparams = checkpoint.get("hyper_parameters")
         if not isinstance(hparams, dict):
             raise CheckpointError(f"{ckpt_path} holds no hyperparameters of {cls.__name__}")
         cls._check_config(dict(hparams), source=str(ckpt_path))
-        model = cls._build_for_checkpoint(**hparams)
+        frozen_included = not cls.frozen_weights_left_out(checkpoint)
+        model = cls._build_for_checkpoint(frozen_included, **hparams)
+        if hasattr(model, "on_load_checkpoint"):
+            try:
+                model.on_load_checkpoint(checkpoint)
+            except CheckpointError as error:
+                raise CheckpointError(f"{ckpt_path}: {error}") from None
         load_state_dict_strictly(
             model,
             checkpoint["state_dict"],
@@ -300,8 +320,6 @@ class StrictHubMixin(PyTorchModelHubMixin):
             ignored=cls._ignored_keys,
             source=str(ckpt_path),
         )
-        if hasattr(model, "on_load_checkpoint"):
-            model.on_load_checkpoint(checkpoint)
         return model.eval()
 
     @classmethod

@@ -23,6 +23,11 @@ from mlsae.lm.stream import ResidualStream, read_residual_stream
 from mlsae.lm.transformer import Transformer
 from mlsae.model.autoencoder import MLSAE, AutoencoderOutput
 from mlsae.model.card import mlsae_transformer_card
+from mlsae.model.checkpoint import (
+    leave_out_transformer,
+    leaves_out_transformer,
+    restore_transformer,
+)
 from mlsae.model.evaluation import evaluation_metrics
 from mlsae.model.firing import StepFiring, StepMinimum
 from mlsae.model.geom_median import geometric_median
@@ -90,7 +95,7 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
             batch_size=hparams.batch_size,
             skip_special_tokens=hparams.skip_special_tokens,
             layers=hparams.layers,
-            load_weights=not from_checkpoint,
+            load_weights=not self.frozen_weights_from_checkpoint(),
             site=hparams.site,
         )
         context = self.transformer.context_length
@@ -172,9 +177,11 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
     def load_checkpoint_weights(
         cls, ckpt_path: str, map_location: str = "cpu"
     ) -> "MLSAETransformer":
-        """Load a Lightning checkpoint of this module, the transformer's weights included
-        (nothing is downloaded but the transformer's config and tokenizer), read as data
-        and loaded strictly."""
+        """Load a Lightning checkpoint of this module, read as data and loaded strictly.
+        The transformer's weights come from the checkpoint where it holds them (nothing is
+        downloaded but the transformer's config and tokenizer); a checkpoint that records
+        them by fingerprint (as training writes them) loads `model_name`'s weights and
+        checks them against it."""
         return cls.load_lightning_checkpoint(ckpt_path, map_location)
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> Any:
@@ -342,8 +349,14 @@ class MLSAETransformer(StrictHubMixin, LightningModule):
             "tokens_seen": self.tokens_seen,
             "micro_batches_seen": self.micro_batches_seen,
         }
+        leave_out_transformer(self.transformer, checkpoint)
+
+    @classmethod
+    def frozen_weights_left_out(cls, checkpoint: dict[str, Any]) -> bool:
+        return leaves_out_transformer(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_transformer(self, checkpoint, "the checkpoint")
         state = checkpoint.get("mlsae", {})
         self.bias_initialized = state.get("bias_initialized", True)
         self.tokens_seen = state.get("tokens_seen", 0)

@@ -70,6 +70,7 @@ def _hard_link(source: Path, target: Path) -> bool:
     file system cannot link."""
     temporary = target.with_name(f".{target.name}.link")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         temporary.unlink(missing_ok=True)
         os.link(source, temporary)
         os.replace(temporary, target)

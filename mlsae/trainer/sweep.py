@@ -20,7 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from mlsae.cli import ConfigError, initialize
 from mlsae.files import remove_partials
 from mlsae.lm.data import data_loader, load_tokenizer
-from mlsae.model.checkpoint import read_checkpoint
+from mlsae.model.checkpoint import check_transformer, read_checkpoint
 from mlsae.model.sweep import SharedResidualStream, SweepMember
 from mlsae.trainer.callbacks import TokensPerSecondBar
 from mlsae.trainer.config import check_run_config
@@ -178,6 +178,8 @@ def _train_sweep(
             model = SweepMember(**model_options(config))
         except ValueError as error:  # options that need the model's width, named per SAE
             raise ConfigError(f"{member.name}: {error}") from None
+        if ckpt:
+            check_transformer(ckpt, resumed, model.transformer)
         if built:
             model.share_transformer(built[0][1])
         model.shared = shared

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlsae import names
 from mlsae.files import atomic_output, remove_partials
 from mlsae.lm.data import data_loader, load_tokenizer
-from mlsae.model.checkpoint import read_checkpoint
+from mlsae.model.checkpoint import check_transformer, read_checkpoint
 from mlsae.model.lightning import MLSAETransformer
 from mlsae.trainer.callbacks import TokensPerSecondBar
 from mlsae.trainer.config import RunConfig, check_run_config, default_precision, initialize, parse
@@ -179,6 +179,8 @@ def _train(config: RunConfig, run_dir: Path, extra_callbacks: list[Any] | None) 
     del checkpoint  # Lightning reads it again in fit; do not hold two copies
 
     model = build_model(config)
+    if checkpoint_path:
+        check_transformer(checkpoint_path, resumed, model.transformer)
     tokenizer = load_tokenizer(model.transformer.tokenizer)
     val_blocks = 0 if data.val_path else data.val_blocks
     skipped_blocks = resumed.get("micro_batches_seen", 0) * data.batch_size

@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback
+from transformers import AutoModelForCausalLM
 
 from mlsae.cli import run_command
+from mlsae.lm.fingerprint import weights_fingerprint
+from mlsae.lm.transformer import Transformer
+from mlsae.model.lightning import MLSAETransformer
+from mlsae.trainer import faults
 from mlsae.trainer import upload as upload_command
 from mlsae.trainer.faults import INTERRUPTED_EXIT_STATUS
 from tests.goldens import GOLDENS
@@ -133,6 +138,53 @@ def test_resume_refuses_another_transformer(capsys, run_dir, tmp_path):
     fails_with(capsys, train_command.main, args, f"--model_name was {TINY}, now {other}")
 
 
+def test_checkpoints_record_the_frozen_transformer_by_fingerprint(run_dir):
+    checkpoint = torch.load(last_checkpoint(run_dir), weights_only=True)
+    assert not [key for key in checkpoint["state_dict"] if key.startswith("transformer.")]
+    assert "autoencoder.encoder.weight" in checkpoint["state_dict"]
+    expected = weights_fingerprint(AutoModelForCausalLM.from_pretrained(TINY))
+    assert checkpoint["mlsae"]["transformer_fingerprint"] == expected
+    loaded = MLSAETransformer.load_checkpoint_weights(str(last_checkpoint(run_dir)))
+    for name, value in AutoModelForCausalLM.from_pretrained(TINY).state_dict().items():
+        assert torch.equal(loaded.transformer.model.state_dict()[name], value), name
+    weight = checkpoint["state_dict"]["autoencoder.encoder.weight"]
+    assert torch.equal(loaded.autoencoder.encoder.weight, weight)
+
+
+def test_resume_refuses_other_weights_of_a_moved_transformer(capsys, run_dir, tmp_path):
+    other = tmp_path / "other-model"
+    shutil.copytree(TINY, other)
+    model = AutoModelForCausalLM.from_pretrained(TINY)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(other)
+    args = args_for(run_dir, STEPS + 2, "--checkpoint_path", str(last_checkpoint(run_dir)))
+    args[args.index(TINY)] = str(other)
+    fails_with(capsys, train_command.main, [*args, "--moved", "model_name"], "other weights than")
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.5])
+def test_checkpoints_that_hold_the_transformer_still_load_and_resume(run_dir, tmp_path, shift):
+    """Older checkpoints hold the transformer's weights: those are the ones loaded, and
+    a run resumed from other weights than the model's keeps them in its checkpoints."""
+    checkpoint = torch.load(last_checkpoint(run_dir), weights_only=True)
+    del checkpoint["mlsae"]["transformer_fingerprint"]
+    weights = {name: value + shift for name, value in Transformer(TINY).state_dict().items()}
+    checkpoint["state_dict"].update({f"transformer.{n}": v for n, v in weights.items()})
+    older = tmp_path / "older.ckpt"
+    torch.save(checkpoint, older)
+    loaded = MLSAETransformer.load_checkpoint_weights(str(older))
+    for name, value in weights.items():
+        assert torch.equal(loaded.transformer.state_dict()[name], value), name
+    resumed_dir = tmp_path / "resumed"
+    train_command.main(args_for(resumed_dir, STEPS + 2, "--checkpoint_path", str(older)))
+    resumed = torch.load(last_checkpoint(resumed_dir), weights_only=True)
+    assert resumed["global_step"] == STEPS + 2
+    assert ("transformer_fingerprint" in resumed["mlsae"]) == (shift == 0.0)
+    for name, value in weights.items():
+        assert torch.equal(resumed["state_dict"].get(f"transformer.{name}", value), value)
+
+
 def test_resume_accepts_moved_data_and_changed_length(run_dir, tmp_path):
     moved = tmp_path / "moved.jsonl.zst"
     shutil.copy(CORPUS, moved)
@@ -191,3 +243,12 @@ def test_sigterm_during_the_final_validation_saves_the_model(capsys, tmp_path):
     assert (model_dir / "model.safetensors").is_file()
     assert not list((tmp_path / "run").glob(".*partial"))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_checkpoint_already_written_is_linked_into_a_folder_not_made_yet(tmp_path):
+    written = tmp_path / "sweep" / "step=4" / "run.ckpt"
+    written.parent.mkdir(parents=True)
+    written.write_bytes(b"checkpoint")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert faults._hard_link(written, last)
+    assert last.stat().st_ino == written.stat().st_ino
