@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from mlsae.cli import run_command
@@ -99,17 +100,21 @@ def test_uploading_a_truncated_checkpoint_is_one_error_line(capsys, run_dir, tmp
 
 
 def test_upload_reads_the_checkpoint_strictly(run_dir, tmp_path):
-    sae_dir = upload_command.main(
+    tfm_dir, sae_dir = upload_command.main(
         [
             *("--ckpt_path", str(last_checkpoint(run_dir)), "--output_dir", str(tmp_path)),
             *("--model_name", "someone/tiny-gpt-neox-2"),
         ]
-    )[1]
+    )
     from mlsae.model import MLSAE
 
     uploaded = MLSAE.from_pretrained(sae_dir)
     state = torch.load(last_checkpoint(run_dir), weights_only=True)["state_dict"]
     assert torch.equal(uploaded.encoder.weight, state["autoencoder.encoder.weight"])
+    # The checkpoint records the language model by fingerprint; -tfm holds its weights.
+    published = load_file(tfm_dir / "model.safetensors")
+    for name, value in Transformer(TINY).state_dict().items():
+        assert torch.equal(published[f"transformer.{name}"], value), name
 
 
 @pytest.mark.parametrize(
