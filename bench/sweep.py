@@ -4,23 +4,25 @@ The transformer is a GPT-NeoX with Pythia-70m's config (`bench.end_to_end.PYTHIA
 random weights, saved to a temporary folder with the tiny test model's tokenizer; the text
 is the tests' corpus. For each sweep size (3 and 9 SAEs by default: expansion factors x k),
 the sweep (`train.py --expansion_factor ... -k ...`) and the separate runs of its SAEs
-alternate, in this process, with the same data, steps and threads. Timed: training only
-(from the first SAE's `on_train_start` to the last one's `on_train_end`; model loading and
-the final validation excluded), and the transformer's forward on the same micro-batches.
+alternate, in this process, with the same data, steps and threads.
+
+Timed: the training steps after each SAE's first `--warmup_steps` (whose time goes to the
+first touch of the SAE's memory), from the earliest start of the first timed micro-batch to
+the latest end of a micro-batch, so model loading, the final validation and the checkpoint
+writes after the last step are left out; and the transformer's forward on as many
+micro-batches. Also timed: the whole commands (`whole_command_s`: loading, training,
+checkpoints, the final validation and saving). `--no_checkpoints` makes every checkpoint
+write a no-op (a sweep writes a checkpoint of every SAE at its last step inside the span).
 
 Reported: tokens/s per SAE (tokens trained per SAE x SAEs / seconds), the measured speed-up
 and its target, (N LM forwards + N SAE steps) / (1 LM forward + N SAE steps), where one SAE
-step is a separate run's time less the LM forwards.
+step is a separate run's time less the LM forwards. The same from the median time of one
+micro-batch (`median_batch_*`: a sweep's round of every SAE's step against the sum of the
+separate runs' medians), which a pause of a shared machine does not move, and the sweep's
+median batch over the ideal one (one LM forward + the SAE steps).
 
-    python bench/sweep.py [--threads 2] [--steps 4] [--max_length 256] [--repeats 2]
-        [--no_checkpoints]
-
-Every run writes its checkpoints at the end of training (with the transformer's weights),
-and a sweep also writes its own step checkpoint of every SAE (docs/sweeps.md). The timed
-span ends at the last `on_train_end`, so it holds the sweep's writes of the SAEs that
-finished before the last one but not a separate run's final write: compare it with
-`--no_checkpoints`, which times the training steps alone, or compare the whole commands
-(`whole_command_s`: loading, training, checkpoints, final validation and saving).
+    python bench/sweep.py [--threads 2] [--steps 12] [--warmup_steps 4] [--max_length 256]
+        [--repeats 2] [--sizes 3 9] [--no_checkpoints]
 """
 
 import argparse
@@ -56,16 +58,30 @@ SIZES = {3: (["4", "8", "16"], ["32"]), 9: (["4", "8", "16"], ["16", "32", "64"]
 
 
 class Span(Callback):
-    """The earliest train start and latest train end of the trainers it is given to."""
+    """From the earliest start of micro-batch `warmup` to the latest end of a micro-batch,
+    over the trainers it is given to."""
 
-    def __init__(self) -> None:
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
         self.start = self.end = None
+        self.starts: dict[int, list[float]] = {}
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
-        self.start = now if self.start is None else min(self.start, now)
+        if batch_idx >= self.warmup:
+            self.starts.setdefault(id(trainer), []).append(now)
+        if batch_idx == self.warmup:
+            self.start = now if self.start is None else min(self.start, now)
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    @property
+    def batch_seconds(self) -> float:
+        """The median time from one micro-batch's start to the next's, of the trainer that
+        starts first (in a sweep, a round of every SAE's step on that micro-batch): robust
+        to the pauses of a shared machine, which the span's total is not."""
+        lead = min(self.starts.values(), key=lambda starts: starts[0])
+        return statistics.median(b - a for a, b in zip(lead[:-1], lead[1:], strict=True))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.end = time.perf_counter()
 
     @property
@@ -92,17 +108,20 @@ def base_args(args: argparse.Namespace, model: Path, run_dir: Path) -> list[str]
             "--logger", "none", "--run", "bench", "--run_dir", str(run_dir)]  # fmt: skip
 
 
-def time_lm(model: Path, args: argparse.Namespace, micro_batches: int) -> float:
-    """Seconds of the transformer's residual stream for `micro_batches` micro-batches."""
+def time_lm(model: Path, args: argparse.Namespace, micro_batches: int) -> tuple[float, float]:
+    """Seconds of the transformer's residual stream for `micro_batches` micro-batches, and
+    the median of one."""
     transformer = Transformer(str(model), max_length=args.max_length, batch_size=args.batch_size)
     tokens = torch.randint(1, 512, (args.batch_size, args.max_length))
+    times = []
     with torch.no_grad():  # as the sweep computes it
         for _ in range(2):  # warm-up
             read_residual_stream(transformer, tokens, **SPECIAL)
-        start = time.perf_counter()
         for _ in range(micro_batches):
+            start = time.perf_counter()
             read_residual_stream(transformer, tokens, **SPECIAL)
-    return time.perf_counter() - start
+            times.append(time.perf_counter() - start)
+    return sum(times), statistics.median(times)
 
 
 @contextlib.contextmanager
@@ -119,32 +138,45 @@ def checkpoints_skipped(skip: bool) -> Iterator[None]:
         Trainer.save_checkpoint = original
 
 
-def run_sweep(argv: list[str], skip_checkpoints: bool = False) -> tuple[float, float]:
-    """Seconds of the training steps and of the whole command."""
-    span = Span()
+def run_sweep(
+    argv: list[str], warmup: int, skip_checkpoints: bool = False
+) -> tuple[float, float, float]:
+    """Seconds of the training steps after `warmup`, of the whole command, and the median
+    of a micro-batch (every SAE's step on it)."""
+    span = Span(warmup)
     start = time.perf_counter()
     with checkpoints_skipped(skip_checkpoints):
         train_sweep(argv, lambda index, name: [span])
-    return span.seconds, time.perf_counter() - start
+    return span.seconds, time.perf_counter() - start, span.batch_seconds
 
 
-def run_separately(argv: list[str], skip_checkpoints: bool = False) -> tuple[float, float]:
-    """Seconds of the training steps and of the whole commands, summed over the runs."""
-    steps = whole = 0.0
+def run_separately(
+    argv: list[str], warmup: int, skip_checkpoints: bool = False
+) -> tuple[float, float]:
+    """Seconds of the training steps after `warmup`, of the whole commands, and the median
+    of a micro-batch, each summed over the runs."""
+    steps = whole = batch = 0.0
     for member in sweep_members(argv)[0]:
-        span = Span()
+        span = Span(warmup)
         start = time.perf_counter()
         with checkpoints_skipped(skip_checkpoints):
             train(parse(RunConfig, member.args), [span])
         whole += time.perf_counter() - start
         steps += span.seconds
-    return steps, whole
+        batch += span.batch_seconds
+    return steps, whole, batch
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument(
+        "--warmup_steps",
+        type=int,
+        default=4,
+        help="steps of each SAE left out of the timed span (the first touch of its memory)",
+    )
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
@@ -155,15 +187,19 @@ def main() -> None:
         help="time the training steps without the checkpoint writes at the end of training",
     )
     args = parser.parse_args()
+    if not 0 <= args.warmup_steps < args.steps:
+        parser.error("--warmup_steps must be at least 0 and less than --steps")
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(Path(tmp) / "pythia-70m-random")
-        lm = time_lm(model, args, args.steps)
+        timed_steps = args.steps - args.warmup_steps
+        lm, lm_batch = time_lm(model, args, timed_steps)
         for size in args.sizes:
             factors, ks = SIZES[size]
             times: dict[str, list[float]] = {"sweep": [], "separate": []}
             wholes: dict[str, list[float]] = {"sweep": [], "separate": []}
+            batches: dict[str, list[float]] = {"sweep": [], "separate": []}
             for repeat in range(args.repeats):
                 order = ("sweep", "separate") if repeat % 2 == 0 else ("separate", "sweep")
                 for kind in order:
@@ -171,13 +207,17 @@ def main() -> None:
                     argv = base_args(args, model, run_dir) + ["--expansion_factor", *factors]
                     argv += ["-k", *ks]
                     run = run_sweep if kind == "sweep" else run_separately
-                    steps, whole = run(argv, args.no_checkpoints)
+                    steps, whole, batch = run(argv, args.warmup_steps, args.no_checkpoints)
                     times[kind].append(steps)
                     wholes[kind].append(whole)
+                    batches[kind].append(batch)
                     shutil.rmtree(run_dir, ignore_errors=True)
             sweep, separate = (statistics.median(times[k]) for k in ("sweep", "separate"))
-            tokens = args.steps * args.batch_size * args.max_length * size
+            tokens = timed_steps * args.batch_size * args.max_length * size
             whole = {kind: round(statistics.median(v), 3) for kind, v in wholes.items()}
+            batch = {kind: statistics.median(v) for kind, v in batches.items()}
+            # One LM forward and every SAE's step: a separate run's batch less the others'.
+            ideal_batch = batch["separate"] - (size - 1) * lm_batch
             rows.append(
                 {
                     "saes": size,
@@ -190,7 +230,13 @@ def main() -> None:
                     "whole_command_s": whole,
                     "whole_command_speedup": round(whole["separate"] / whole["sweep"], 2),
                     "target_speedup": round(separate / (separate - (size - 1) * lm), 2),
+                    "median_batch_s": {kind: round(v, 4) for kind, v in batch.items()},
+                    "lm_forward_median_batch_s": round(lm_batch, 4),
+                    "median_batch_speedup": round(batch["separate"] / batch["sweep"], 2),
+                    "median_batch_target_speedup": round(batch["separate"] / ideal_batch, 2),
+                    "median_batch_sweep_over_ideal": round(batch["sweep"] / ideal_batch, 3),
                     "samples": times,
+                    "median_batch_samples": batches,
                 }
             )
     print(json.dumps({"machine": machine_note(), "options": vars(args), "rows": rows}, indent=1))
