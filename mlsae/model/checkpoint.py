@@ -82,11 +82,7 @@ def restore_transformer(
     checkpoints left them out, under another precision, or from another model) loads
     them, and the module's later checkpoints hold its weights too: no fingerprint of
     the loaded model describes them."""
-    own = {
-        key: value.detach()
-        for key, value in module.state_dict(keep_vars=True).items()
-        if key.startswith(TRANSFORMER_PREFIX)
-    }
+    own = module.transformer.state_dict(prefix=TRANSFORMER_PREFIX)
     state = checkpoint["state_dict"]
     if not leaves_out_transformer(checkpoint):
         held = {key: value for key, value in state.items() if key.startswith(TRANSFORMER_PREFIX)}
