@@ -187,8 +187,8 @@ def main() -> None:
         help="time the training steps without the checkpoint writes at the end of training",
     )
     args = parser.parse_args()
-    if not 0 <= args.warmup_steps < args.steps:
-        parser.error("--warmup_steps must be at least 0 and less than --steps")
+    if not 0 <= args.warmup_steps <= args.steps - 2:
+        parser.error("--warmup_steps must be at least 0 and leave 2 or more of --steps timed")
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
